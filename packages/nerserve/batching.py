@@ -1,0 +1,33 @@
+"""Token-budget batch planning: which sequences run together in one engine call.
+
+Sequences are taken longest-first, so neighbours have similar lengths and a padded batch wastes
+little; a batch closes when one more sequence would push its cost past `max_num_tokens` (cost is
+batch x longest for a padded engine, the sum of lengths for a packed one)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def plan_batches(lengths: np.ndarray, max_num_tokens: int, padded: bool) -> list[np.ndarray]:
+    """Indices into `lengths` for each batch, longest sequences first; every index appears once."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        return []
+    if int(lengths.max()) > max_num_tokens:
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds max_num_tokens={max_num_tokens}")
+    order = np.argsort(-lengths, kind="stable")
+    ordered = lengths[order]
+    ends = np.cumsum(ordered)
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        if padded:  # descending order: the first sequence of the batch is its longest
+            end = start + max_num_tokens // max(int(ordered[start]), 1)
+        else:
+            spent = int(ends[start - 1]) if start else 0
+            end = int(np.searchsorted(ends, spent + max_num_tokens, side="right"))
+        end = min(max(end, start + 1), len(order))
+        batches.append(order[start:end])
+        start = end
+    return batches

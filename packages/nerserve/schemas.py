@@ -1,0 +1,101 @@
+"""The request and response shapes of BEI-Bert's /predict_tokens, with their validation.
+
+Strict types: a client that sends `"true"` for a bool or `1` for a text gets a 422 naming the
+field, not a silent coercion."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+from .aggregation import STRATEGIES
+from .errors import Empty, Invalid, PayloadTooLarge
+
+Strategy = Literal["none", "simple", "first", "average", "max"]
+Direction = Literal["right", "left"]
+
+
+def _lower(value: object) -> object:
+    """Strategy and direction names are accepted in any case."""
+    return value.lower() if isinstance(value, str) else value
+
+
+class PredictRequest(BaseModel):
+    """POST /predict_tokens body."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
+        "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}]})
+
+    inputs: Union[StrictStr, list[Union[StrictStr, list[StrictStr]]]] = Field(
+        description="Texts: one string, a list of strings, or a list of lists of strings (flattened in order).")
+    aggregation_strategy: Annotated[Strategy, BeforeValidator(_lower)] = Field(
+        "none", description="none: one item per token; simple/first/average/max: one item per entity.")
+    raw_scores: StrictBool = Field(False, description="With `none`: every label's raw logit.")
+    truncate: StrictBool = Field(False, description="Cut each text to the model's maximum input length.")
+    truncation_direction: Annotated[Direction, BeforeValidator(_lower)] = Field(
+        "right", description="Which end `truncate` cuts: Right or Left (any case).")
+
+    def texts(self) -> list[str]:
+        """The flattened texts, one result list each."""
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        flat: list[str] = []
+        for item in self.inputs:
+            if isinstance(item, str):
+                flat.append(item)
+            else:
+                flat.extend(item)
+        return flat
+
+
+class TokenResult(BaseModel):
+    """One token (strategy none) or one entity (grouped strategies)."""
+
+    token: str
+    token_id: int
+    start: int
+    end: int
+    results: dict[str, float]
+
+
+PredictResponse = list[list[TokenResult]]
+
+
+def parse_request(payload: object, max_texts: int) -> PredictRequest:
+    """Validate a decoded JSON body; raise Invalid/Empty/PayloadTooLarge naming the field."""
+    try:
+        request = PredictRequest.model_validate(payload)
+    except ValidationError as error:
+        raise Invalid(_describe(error)) from None
+    if isinstance(request.inputs, list):
+        if not request.inputs:
+            raise Empty("inputs: must hold at least one text")
+        for i, item in enumerate(request.inputs):
+            if isinstance(item, list) and not item:
+                raise Invalid(f"inputs[{i}]: an inner list must hold at least one text")
+    if request.raw_scores and request.aggregation_strategy != "none":
+        raise Invalid(f"raw_scores: only with aggregation_strategy none, not {request.aggregation_strategy!r}")
+    texts = request.texts()
+    if len(texts) > max_texts:
+        raise PayloadTooLarge(f"inputs: {len(texts)} texts exceed the limit of {max_texts} per request")
+    return request
+
+
+def _describe(error: ValidationError) -> str:
+    """The first problems, each as `field.path: message`, e.g. `inputs[0][1]: Input should be a valid string`."""
+    messages = []
+    for item in error.errors()[:3]:
+        path = ""
+        for part in item["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not part.startswith(("str", "list[", "function-")):  # drop union-branch names
+                path += ("." if path else "") + part
+        if item["type"] == "literal_error" and path in ("aggregation_strategy", "truncation_direction"):
+            allowed = STRATEGIES if path == "aggregation_strategy" else ("Right", "Left")
+            messages.append(f"{path}: must be one of {', '.join(allowed)}, not {item['input']!r}")
+        else:
+            messages.append(f"{path or 'body'}: {item['msg']}")
+    return "; ".join(dict.fromkeys(messages))

@@ -1,0 +1,120 @@
+"""Shared fixtures: the checkpoints the tests build, the shared real checkpoint, pipeline oracles,
+a real server process, and a summary of the parity figures printed at the end of the run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "tests")]
+SHARED = ROOT.parent / "shared"
+REAL_CHECKPOINT = SHARED / "models" / "minilm-l6-conll03-ner"
+CONLL_DEV = SHARED / "data" / "conll2003" / "eng.testa"
+
+warnings.filterwarnings("ignore", message="Tokenizer does not support real words")
+
+import checkpoints  # noqa: E402
+
+PARITY: list[str] = []  # lines for the terminal summary
+
+
+def record(line: str) -> None:
+    """Keep a parity figure for the summary printed after the tests."""
+    PARITY.append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if PARITY:
+        terminalreporter.section("parity figures")
+        for line in PARITY:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "stress: long load/fault runs (make stress)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("-m") != "stress":
+        skip = pytest.mark.skip(reason="stress test: run with `make stress`")
+        for item in items:
+            if "stress" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Exports land in a fresh cache per run, so every run really exports and checks."""
+    os.environ["NERSERVE_CACHE"] = str(tmp_path_factory.mktemp("nerserve-cache"))
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """kind -> folder of a checkpoint built by tests/checkpoints.py (built once per run)."""
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = checkpoints.build(kind, tmp_path_factory.mktemp(kind))
+        return cache[kind]
+
+    return get
+
+
+def real_checkpoint() -> Path:
+    if not REAL_CHECKPOINT.is_dir():
+        pytest.skip(f"the shared real checkpoint is absent ({REAL_CHECKPOINT}); it lives in ../shared beside the repo")
+    return REAL_CHECKPOINT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m nerserve.server` as a real process on a free port."""
+
+    def __init__(self, env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'packages'}", "PORT": str(self.port),
+                    "NERSERVE_CONFIG": str(ROOT / "config.yaml"), **env}
+        self.log = open(Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log", "w+")
+        self.process = subprocess.Popen([sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready in {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> int:
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=60)
+        finally:
+            self.log.close()
