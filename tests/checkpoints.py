@@ -77,8 +77,11 @@ def _decisive(model: torch.nn.Module, seed: int) -> None:
         model.classifier.bias.copy_(torch.tensor([-1.0] + [0.0] * (len(LABELS) - 1)))
 
 
-def build(kind: str, out: Path, seed: int = 0) -> Path:
-    """Write checkpoint `kind` into `out` (created) and return it."""
+def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0) -> Path:
+    """Write checkpoint `kind` into `out` (created) and return it.
+
+    `embedding_shortfall` > 0 gives the model that many fewer embeddings than the tokenizer has ids:
+    a real engine then fails on exactly the batches holding one of those tokens (fault tests)."""
     assert kind in KINDS, kind
     torch.manual_seed(seed)
     id2label = dict(enumerate(LABELS))
@@ -92,7 +95,7 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
         model = RobertaForTokenClassification(config)
     else:
         tokenizer = _wordpiece_tokenizer(cased=kind == "wordpiece-cased")
-        config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH, pad_token_id=0, **small)
+        config = BertConfig(vocab_size=len(tokenizer) - embedding_shortfall, max_position_embeddings=MAX_LENGTH, pad_token_id=0, **small)
         model = BertForTokenClassification(config)
     _decisive(model, seed)
     model.eval()

@@ -4,6 +4,7 @@ a real server process, and a summary of the parity figures printed at the end of
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,13 +109,17 @@ class ServerProcess:
         raise TimeoutError(f"server not ready in {timeout}s: {self.output()}")
 
     def output(self) -> str:
+        if self.log.closed:
+            return self.final_output
         self.log.flush()
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def stop(self) -> int:
+    def stop(self) -> bool:
+        """SIGTERM, as an orchestrator stops it; True when it shut down gracefully (uvicorn re-raises the
+        signal after its graceful shutdown, so the exit status is -SIGTERM)."""
         self.process.terminate()
-        try:
-            return self.process.wait(timeout=60)
-        finally:
-            self.log.close()
+        code = self.process.wait(timeout=60)
+        self.final_output = self.output()
+        self.log.close()
+        return code in (0, -signal.SIGTERM) and "shutdown complete" in self.final_output

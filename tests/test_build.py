@@ -23,6 +23,7 @@ from nerserve import manifest as manifest_lib
 from nerserve import onnx_export
 from nerserve.checkpoint import Checkpoint, load_checkpoint
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
+from nerserve.engines import tensorrt_engine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +94,8 @@ def test_cli_writes_a_checked_engine_dir(cli_builds, build_checkpoints, kind):
     assert set(manifest["files"]) >= {onnx_export.ONNX_NAME, onnx_export.ORT_OPTIMIZED_NAME}
     if kind == "wordpiece-uncased":
         assert manifest["artefacts"]["onnxruntime"] == {"file": onnx_export.INT8_NAME, "precision": "int8"}
+        served = manifest_lib.load_engine_dir(out, build_checkpoints[kind])
+        assert served == ("onnx", out / onnx_export.INT8_NAME, "int8")
         assert ("entity F1 on eng.testa (20 sentences" in lines) if CONLL.is_file() else ("not measured" in lines)
     graph = onnx.load(str(out / onnx_export.ONNX_NAME))
     assert graph.opset_import[0].version >= onnx_export.OPSET
@@ -110,8 +113,8 @@ def test_served_onnx_answers_as_the_checkpoint(cli_builds, build_checkpoints, ki
     from nerserve.engines.torch_engine import TorchEngine
 
     checkpoint = build_checkpoints[kind]
-    engine_kind, path = manifest_lib.load_engine_dir(cli_builds[kind][1], checkpoint, "onnxruntime")
-    assert (engine_kind, path.name) == ("onnxruntime", onnx_export.ORT_OPTIMIZED_NAME)
+    engine_kind, path, precision = manifest_lib.load_engine_dir(cli_builds[kind][1], checkpoint, "onnxruntime")
+    assert (engine_kind, path.name, precision) == ("onnx", onnx_export.ORT_OPTIMIZED_NAME, "fp32")
     pad = checkpoint.tokenizer.pad_token_id
     sequences = _sequences(checkpoint)
     got = OnnxRuntimeEngine(path, pad).run(sequences)
@@ -159,9 +162,9 @@ def engine_copy(cli_builds, tmp_path) -> Path:
 
 
 def test_unchanged_dir_is_served(engine_copy, build_checkpoints):
-    kind, path = manifest_lib.load_engine_dir(engine_copy, build_checkpoints["wordpiece-cased"],
-                                              here=manifest_lib.Platform(None, None, None))
-    assert (kind, path) == ("onnxruntime", engine_copy / onnx_export.ORT_OPTIMIZED_NAME)
+    served = tensorrt_engine.load_engine_dir(engine_copy, build_checkpoints["wordpiece-cased"],
+                                             here=manifest_lib.Platform(None, None, None))
+    assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32")
 
 
 def test_changed_byte_is_refused(engine_copy, build_checkpoints):
@@ -204,9 +207,9 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
     def serve(here: manifest_lib.Platform, engine: str = "auto"):
         return manifest_lib.load_engine_dir(engine_copy, checkpoint, engine, here=here)
 
-    assert serve(built_on) == ("tensorrt", engine_copy / "model.plan")
-    assert serve(manifest_lib.Platform(None, None, None))[0] == "onnxruntime"
-    assert serve(built_on, "onnxruntime")[0] == "onnxruntime"
+    assert serve(built_on) == ("tensorrt", engine_copy / "model.plan", "fp16")
+    assert serve(manifest_lib.Platform(None, None, None)).kind == "onnx"
+    assert serve(built_on, "onnxruntime").kind == "onnx"
     with pytest.raises(ValueError, match="built for NVIDIA H100 80GB HBM3 .*this machine has NVIDIA L4"):
         serve(dataclasses.replace(built_on, gpu_name="NVIDIA L4", compute_capability="8.9"))
     with pytest.raises(ValueError, match="built with TensorRT 10.13.0, this machine has TensorRT 11.0.0"):

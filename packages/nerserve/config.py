@@ -26,6 +26,7 @@ class Settings:
     queue_size: int = 4096
     batch_wait_ms: float = 2.0
     request_timeout_s: float = 60.0
+    shutdown_grace_s: float = 5.0  # after SIGTERM: answer 503 to new requests this long, then stop
     api_key: str | None = None
     port: int = 8000
     hf_token: str | None = None

@@ -15,7 +15,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .checkpoint import Checkpoint
 
@@ -182,9 +182,20 @@ def verify(engine_dir: Path, checkpoint: Checkpoint, here: Platform | None = Non
     return manifest
 
 
+class EngineArtefact(NamedTuple):
+    """What to serve from an engine folder: kind "tensorrt" (a plan) or "onnx" (a graph for ONNX Runtime)."""
+
+    kind: str
+    path: Path
+    precision: str
+
+
 def load_engine_dir(engine_dir: str | Path, checkpoint: Checkpoint, engine: str = "auto",
-                    here: Platform | None = None) -> tuple[str, Path]:
-    """Which built artefact of `engine_dir` to serve for `checkpoint`: ("tensorrt", plan) or ("onnxruntime", onnx).
+                    here: Platform | None = None) -> EngineArtefact:
+    """Which built artefact of `engine_dir` to serve for `checkpoint`: (kind, path, precision).
+
+    kind is "tensorrt" (path: the plan, for TensorRTEngine) or "onnx" (path: the graph for
+    OnnxRuntimeEngine); precision is the artefact's ("fp32", "fp16", "bf16", "int8").
 
     Contract:
     - Always checked first: the manifest exists, was built from this checkpoint's exact content
@@ -196,7 +207,6 @@ def load_engine_dir(engine_dir: str | Path, checkpoint: Checkpoint, engine: str 
     - engine="tensorrt": the plan, or ValueError when the folder has none or this machine cannot run it.
     - engine="onnxruntime": the ONNX file ORT serves (the optimized float32 graph, or the int8 graph
       when built with precision int8), whatever the GPU.
-    - The precision of the returned artefact is read_manifest(engine_dir)["artefacts"][kind]["precision"].
     Every refusal is a ValueError whose message says why. `here` defaults to current_platform()."""
     engine_dir = Path(engine_dir)
     if engine not in ("auto", "tensorrt", "onnxruntime"):
@@ -207,8 +217,10 @@ def load_engine_dir(engine_dir: str | Path, checkpoint: Checkpoint, engine: str 
         here = here or current_platform()
         if engine == "tensorrt" or (here.has_gpu and here.tensorrt_version is not None):
             verify_platform(engine_dir, manifest, here)
-            return "tensorrt", engine_dir / artefacts["tensorrt"]["file"]
+            plan = artefacts["tensorrt"]
+            return EngineArtefact("tensorrt", engine_dir / plan["file"], plan["precision"])
     if engine == "tensorrt":
         raise ValueError(f"engine dir {engine_dir} has no TensorRT plan (built on a machine without GPU or "
                          f"tensorrt, or with precision {manifest['precision']}); serve it with onnxruntime")
-    return "onnxruntime", engine_dir / artefacts["onnxruntime"]["file"]
+    graph = artefacts["onnxruntime"]
+    return EngineArtefact("onnx", engine_dir / graph["file"], graph["precision"])

@@ -86,9 +86,11 @@ def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI
         state.closing = True
         if state.model is not None:
             await asyncio.to_thread(state.model.service.close)  # drain what was accepted
+        log.info("shutdown complete: queue drained")
 
     app = FastAPI(title="nerserve", version=__version__, lifespan=lifespan,
                   description="BEI-Bert-compatible token classification with transformers-pipeline-exact answers.")
+    app.state.begin_drain = lambda: setattr(state, "closing", True)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -249,12 +251,35 @@ def main() -> None:
 
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     config_path = Path(os.environ.get("NERSERVE_CONFIG", "config.yaml")).resolve()
-    root = config_path.parent
     config = read_config(config_path)
     settings = Settings.load(config.get("model_metadata"))
-    app = create_app(config, root, secrets=_mounted_secrets())
-    uvicorn.run(app, host=os.environ.get("HOST", "0.0.0.0"), port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=30, access_log=False)
+    app = create_app(config, config_path.parent, secrets=_mounted_secrets())
+    server = DrainingServer(uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=settings.port,
+                                           log_level="warning", access_log=False, timeout_graceful_shutdown=30),
+                            on_drain=app.state.begin_drain, grace_s=settings.shutdown_grace_s)
+    server.run()
+
+
+class DrainingServer:
+    """uvicorn's Server with a drain phase: the first SIGTERM/SIGINT flips /health and new requests to 503
+    (load balancers stop routing, clients get an answer instead of a reset), keeps the port open for
+    `grace_s` while accepted requests finish, then shuts down as uvicorn does; a second signal is at once."""
+
+    def __new__(cls, config, on_drain, grace_s: float):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            draining = False
+
+            def handle_exit(self, sig, frame) -> None:
+                if self.draining or grace_s <= 0:
+                    return super().handle_exit(sig, frame)
+                self.draining = True
+                on_drain()
+                log.info("draining for %.1fs before shutdown", grace_s)
+                threading.Timer(grace_s, super().handle_exit, (sig, frame)).start()
+
+        return _Server(config)
 
 
 if __name__ == "__main__":

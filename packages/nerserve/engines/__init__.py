@@ -51,7 +51,7 @@ def load_engine(settings: Settings, checkpoint: Checkpoint) -> Engine:
     from ..onnx_export import cached_onnx
 
     if artefact is not None and artefact[0] == "onnx":
-        path, precision = artefact[1], artefact[2] if len(artefact) > 2 else "fp32"
+        path, precision = artefact[1], artefact[2]
     else:
         path, precision = cached_onnx(checkpoint), "fp32"
     return OnnxRuntimeEngine(path, pad_id=checkpoint.tokenizer.pad_token_id or 0, precision=precision)

@@ -6,7 +6,9 @@ flag), one optimization profile per rung of a ladder that covers every batch x s
 tokens fit `max_num_tokens`, and at run time one execution context per profile sharing one block of
 activation memory (batches run one at a time, so they never need it at once).
 
-`tensorrt` is imported lazily: this module imports, and `profile_ladder` works, on machines without it."""
+`tensorrt` is imported lazily: this module imports, and `profile_ladder` works, on machines without it.
+`load_engine_dir` (defined with the manifest checks it runs) is importable from here, where the
+server's engine selection looks for it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..manifest import load_engine_dir, read_manifest
 from .base import Engine, pad_batch
+
+__all__ = ["PLAN_NAME", "TensorRTEngine", "build_engine", "load_engine_dir", "pick_profile", "profile_ladder"]
 
 PLAN_NAME = "model.plan"
 #: (min_shape, opt_shape, max_shape), each (batch, sequence)
@@ -115,17 +120,17 @@ class TensorRTEngine(Engine):
 
     Device buffers for inputs and logits are allocated once, sized for the largest profile, and
     bound to every context up front; a batch only sets its shapes. Only the real tokens' logits are
-    gathered on the GPU and copied back."""
+    gathered on the GPU and copied back. `precision` defaults to the one in the manifest beside the plan."""
 
     name = "tensorrt"
     padded = True
 
-    def __init__(self, plan_path: Path, pad_id: int, precision: str = "fp16", device: int = 0) -> None:
+    def __init__(self, plan_path: Path, pad_id: int, precision: str | None = None, device: int = 0) -> None:
         import tensorrt as trt
         import torch
 
         self._torch = torch
-        self.precision = precision
+        self.precision = precision or read_manifest(Path(plan_path).parent)["artefacts"]["tensorrt"]["precision"]
         self._pad_id = pad_id
         self._device = torch.device("cuda", device)
         torch.cuda.set_device(self._device)

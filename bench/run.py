@@ -1,0 +1,445 @@
+"""`make bench`: the pipeline vs our engine, host path and HTTP server, measured in one run.
+
+For each checkpoint (the shared MiniLM-L6 CoNLL model, and a BERT-base-shaped token classifier with
+random weights built on the spot), on the machine this runs on:
+- pipeline b1 / b64: transformers' token-classification pipeline (aggregation "simple"), one
+  sentence per call / lists with batch_size=64 (float32: the pipeline is Python-bound, fp16 is slower);
+- engine: the engine `engine: auto` picks (ONNX Runtime on CPU, packed PyTorch on CUDA) on
+  pre-tokenized CoNLL dev sentences in token-budget batches (max_num_tokens 16384), logits to host;
+- host: tokenization + aggregation ("simple") + orjson encoding, without the engine (logits precomputed);
+- http: `python -m nerserve.server` over localhost HTTP, concurrent clients (client processes x
+  in-flight requests), requests of 64 sentences or 8 paragraphs (200-400 tokens, joined sentences);
+  single-sentence latency from sequential one-sentence requests (client-side round trip).
+Tokens are model tokens with [CLS]/[SEP]. Ratios are to the pipeline's b64 tokens/s (b1 for latency).
+Prints a table; writes JSON to bench/results/<date>-<machine>.json (or --out).
+
+`--check` (GPU) first proves the packed half-precision engine against float32 on CoNLL dev."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "bench")]
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+SHARED = ROOT.parent / "shared"
+DEFAULT_MODEL = SHARED / "models" / "minilm-l6-conll03-ner"
+DEFAULT_CONLL = SHARED / "data" / "conll2003" / "eng.testa"
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def conll_sentences(path: Path) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """Dev sentences as text (words joined by spaces), with their words and gold tags."""
+    texts, words, tags, cur_w, cur_t = [], [], [], [], []
+    for line in open(path, encoding="utf-8"):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if cur_w:
+                texts.append(" ".join(cur_w)); words.append(cur_w); tags.append(cur_t)
+            cur_w, cur_t = [], []
+            continue
+        cur_w.append(parts[0]); cur_t.append(parts[-1])
+    if cur_w:
+        texts.append(" ".join(cur_w)); words.append(cur_w); tags.append(cur_t)
+    return texts, words, tags
+
+
+def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int = 400) -> list[str]:
+    """Consecutive sentences joined until 200-400 model tokens."""
+    out, cur, n = [], [], 0
+    for text, c in zip(texts, counts):
+        if n + c > high and n >= low:
+            out.append(" ".join(cur)); cur, n = [], 0
+        if c > high:
+            continue
+        cur.append(text); n += int(c) - (2 if cur[:-1] else 0)
+    return out
+
+
+def machine_name() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip(); break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    import torch
+    import transformers
+    info["torch"] = torch.__version__
+    info["transformers"] = transformers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def build_bert_base(tokenizer_dir: Path, out: Path) -> Path:
+    """BERT-base-shaped BertForTokenClassification with random weights and the shared tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForTokenClassification
+
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    src = AutoConfig.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, max_position_embeddings=512, num_labels=len(src.id2label),
+                        id2label=src.id2label, label2id=src.label2id)
+    torch.manual_seed(0)
+    BertForTokenClassification(config).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ---- timing helpers ---------------------------------------------------------------------------------
+
+def pct(values, q) -> float:
+    return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
+
+
+def timed_loop(fn, items, seconds: float, min_iters: int = 3):
+    """Call fn(item) cycling over items until `seconds` pass; (calls, elapsed, latencies)."""
+    lat, i, start = [], 0, time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        fn(items[i % len(items)])
+        lat.append(time.perf_counter() - t0)
+        i += 1
+        if time.perf_counter() - start >= seconds and i >= min_iters:
+            break
+    return i, time.perf_counter() - start, lat
+
+
+# ---- measurements -------------------------------------------------------------------------------------
+
+def bench_pipeline(path: Path, sents: list[str], ntok: dict, seconds: float, device: str) -> dict:
+    from transformers import pipeline
+
+    pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple",
+                    device=0 if device == "cuda" else -1)
+    pipe(sents[:8]); pipe(sents[0])
+    n, el, lat = timed_loop(lambda s: pipe(s), sents, seconds)
+    b1 = {"texts_s": n / el, "tokens_s": sum(ntok[s] for s in (sents * (n // len(sents) + 1))[:n]) / el,
+          "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+    chunks = [sents[i:i + 256] for i in range(0, len(sents), 256)]
+    pipe(chunks[0][:64], batch_size=64)
+    texts = tokens = 0
+    start = time.perf_counter()
+    for k in range(10 ** 6):
+        chunk = chunks[k % len(chunks)]
+        pipe(chunk, batch_size=64)
+        texts += len(chunk); tokens += sum(ntok[s] for s in chunk)
+        if time.perf_counter() - start >= seconds:
+            break
+    el = time.perf_counter() - start
+    b64 = {"texts_s": texts / el, "tokens_s": tokens / el}
+    del pipe
+    return {"pipeline_b1": b1, "pipeline_b64": b64}
+
+
+def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens: int) -> dict:
+    from nerserve.batching import plan_batches
+
+    lengths = np.array([len(s) for s in seqs])
+    batches = [[seqs[i] for i in b] for b in plan_batches(lengths, max_num_tokens, engine.padded)]
+    for b in batches[:3]:
+        engine.run(b)
+    tokens = texts = 0
+    start = time.perf_counter()
+    for k in range(10 ** 7):
+        b = batches[k % len(batches)]
+        engine.run(b)
+        tokens += sum(len(s) for s in b); texts += len(b)
+        if time.perf_counter() - start >= seconds and k >= len(batches) - 1:
+            break
+    el = time.perf_counter() - start
+    n, el1, lat = timed_loop(lambda s: engine.run([s]), seqs[:512], min(seconds, 3.0), 20)
+    return {"texts_s": texts / el, "tokens_s": tokens / el, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+            "batches": len(batches)}
+
+
+def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> dict:
+    """Tokenize 64 texts per call (the Rust tokenizer spreads a batch over the cores), aggregate, encode."""
+    import orjson
+
+    def step(chunk):
+        windows = service.tokenizer.encode(chunk, False)
+        out = [service.aggregator.grouped(t, w, logits_of[t], "simple") for t, w in zip(chunk, windows)]
+        orjson.dumps(out)
+        return sum(len(x.ids) for w in windows for x in w)
+
+    chunks = [sents[i:i + 64] for i in range(0, len(sents), 64)]
+    step(chunks[0])
+    tokens = texts = 0
+    start = time.perf_counter()
+    for k in range(10 ** 7):
+        tokens += step(chunks[k % len(chunks)]); texts += len(chunks[k % len(chunks)])
+        if time.perf_counter() - start >= seconds:
+            break
+    el = time.perf_counter() - start
+    return {"texts_s": texts / el, "tokens_s": tokens / el}
+
+
+def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue) -> None:
+    import httpx
+
+    async def main():
+        stats = {"texts": 0, "tokens": 0, "errors": 0, "lat": []}
+        deadline = time.perf_counter() + seconds
+        limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
+            async def worker(k):
+                i = k
+                while time.perf_counter() < deadline:
+                    body, texts, tokens = payloads[i % len(payloads)]
+                    i += inflight
+                    t0 = time.perf_counter()
+                    r = await client.post("/predict_tokens", content=body, headers={"content-type": "application/json"})
+                    stats["lat"].append(time.perf_counter() - t0)
+                    if r.status_code == 200:
+                        stats["texts"] += texts; stats["tokens"] += tokens
+                    else:
+                        stats["errors"] += 1
+            await asyncio.gather(*(worker(k) for k in range(inflight)))
+        return stats
+
+    queue.put(asyncio.run(main()))
+
+
+def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_client_proc, args=(port, payloads[k::procs] or payloads, seconds, inflight, queue))
+               for k in range(procs)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    results = [queue.get() for _ in workers]
+    el = time.perf_counter() - start - 0.0
+    for w in workers:
+        w.join()
+    el = max(seconds, min(el, seconds * 1.5))
+    lat = [x for r in results for x in r["lat"]]
+    return {"texts_s": sum(r["texts"] for r in results) / el, "tokens_s": sum(r["tokens"] for r in results) / el,
+            "errors": sum(r["errors"] for r in results), "req_p50_ms": pct(lat, 50) * 1e3,
+            "req_p99_ms": pct(lat, 99) * 1e3, "clients": f"{procs}x{inflight}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, seconds: float, procs: int,
+               inflight: int, engine: str) -> dict:
+    import httpx
+    import orjson
+
+    port = free_port()
+    env = dict(os.environ, CHECKPOINT=str(path), PORT=str(port), ENGINE=engine, LOG_LEVEL="WARNING",
+               NERSERVE_CONFIG=str(ROOT / "config.yaml"),
+               PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 900
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError("server exited: " + server.stderr.read().decode()[-2000:])
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server not healthy in 900 s")
+            time.sleep(0.5)
+        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+
+        def payloads(texts, per):
+            out = []
+            for i in range(0, len(texts) - per + 1, per):
+                chunk = texts[i:i + per]
+                out.append((orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}), len(chunk),
+                            sum(ntok[t] for t in chunk)))
+            return out
+
+        res = {"engine": info.get("engine"), "precision": info.get("precision")}
+        res["sentences"] = http_load(port, payloads(sents, 64), seconds, procs, inflight)
+        res["paragraphs"] = http_load(port, payloads(paras, 8), seconds, procs, inflight)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            one = [orjson.dumps({"inputs": [s], "aggregation_strategy": "simple"}) for s in sents[:500]]
+            for b in one[:20]:
+                client.post("/predict_tokens", content=b, headers={"content-type": "application/json"})
+            n, el, lat = timed_loop(lambda b: client.post("/predict_tokens", content=b,
+                                                          headers={"content-type": "application/json"}),
+                                    one, min(seconds, 5.0), 50)
+        res["single"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "texts_s": n / el}
+        return res
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# ---- per model ----------------------------------------------------------------------------------------
+
+def bench_model(label: str, path: Path, sents: list[str], args, device: str) -> dict:
+    from nerserve.config import Settings
+    from nerserve.service import NerService
+
+    print(f"[{label}] loading service ({path})", flush=True)
+    service = NerService(Settings(checkpoint=str(path), engine=args.engine))
+    tok = service.tokenizer
+    windows = tok.encode(sents, False)
+    ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows)}
+    counts = np.array([ntok[t] for t in sents])
+    paras = paragraphs(sents, counts)
+    pw = tok.encode(paras, False)
+    ntok.update({t: sum(len(x.ids) for x in w) for t, w in zip(paras, pw)})
+    seqs = [x.ids for w in windows for x in w]
+    res = {"checkpoint": str(path), "engine": service.engine.name, "precision": service.engine.precision,
+           "packed": not service.engine.padded, "sentences": len(sents), "mean_sentence_tokens": float(counts.mean()),
+           "paragraphs": len(paras), "mean_paragraph_tokens": float(np.mean([ntok[p] for p in paras]))}
+    print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
+    res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, args.max_num_tokens)
+    print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
+    logits = service.engine.run(seqs)
+    cursor, logits_of = 0, {}
+    for t, w in zip(sents, windows):
+        logits_of[t] = logits[cursor: cursor + len(w)]; cursor += len(w)
+    res["host"] = bench_host(service, sents, logits_of, args.seconds)
+    print(f"[{label}] host path: {res['host']}", flush=True)
+    service.close()
+    del service
+    if device == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+    res.update(bench_pipeline(path, sents, ntok, args.seconds, device))
+    print(f"[{label}] pipeline: b1 {res['pipeline_b1']} b64 {res['pipeline_b64']}", flush=True)
+    if not args.no_http:
+        try:
+            res["http"] = bench_http(path, sents, paras, ntok, args.seconds, args.client_procs, args.inflight,
+                                     args.engine)
+            print(f"[{label}] http: {res['http']}", flush=True)
+        except Exception as error:  # noqa: BLE001 - report, keep the other figures
+            res["http_error"] = f"{type(error).__name__}: {error}"
+            print(f"[{label}] http failed: {res['http_error']}", flush=True)
+    return res
+
+
+def table(results: dict) -> str:
+    m = results["machine"]
+    head = f"machine: {m.get('gpu') or 'no GPU'} | CPU {m['cpu']} x{m['cores']} | torch {m['torch']} | " \
+           f"transformers {m['transformers']} | {results['date']}"
+    lines = [head, "| model | path | tokens/s | texts/s | x pipeline b64 | single p50 ms | single p99 ms | x pipeline b1 p50 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, r in results["models"].items():
+        base = r["pipeline_b64"]["tokens_s"]
+        p1 = r["pipeline_b1"]["p50_ms"]
+
+        def row(name, d, single=None):
+            single = single or {}
+            lat = single.get("p50_ms")
+            lines.append(f"| {label} | {name} | {d['tokens_s']:,.0f} | {d['texts_s']:,.1f} | "
+                         f"{d['tokens_s'] / base:.2f} | {lat if lat is None else f'{lat:.2f}'} | "
+                         f"{single.get('p99_ms', float('nan')):.2f} | "
+                         f"{'' if lat is None else f'{p1 / lat:.2f}'} |")
+        row("pipeline b1 (fp32)", r["pipeline_b1"], r["pipeline_b1"])
+        row("pipeline b64 (fp32)", r["pipeline_b64"])
+        eng = f"engine alone ({r['engine']} {r['precision']}{' packed' if r['packed'] else ''})"
+        row(eng, r["engine_alone"], r["engine_alone"])
+        row("host path alone (tokenize+aggregate+json)", r["host"])
+        if "http" in r:
+            h = r["http"]
+            row(f"HTTP sentences, 64/request, clients {h['sentences']['clients']}", h["sentences"], h["single"])
+            row(f"HTTP paragraphs ({r['mean_paragraph_tokens']:.0f} tok), 8/request", h["paragraphs"])
+        elif "http_error" in r:
+            lines.append(f"| {label} | HTTP | failed: {r['http_error'][:120]} | | | | | |")
+        else:
+            lines.append(f"| {label} | HTTP | not measured on this machine (--no-http) | | | | | |")
+    if "check" in results:
+        lines.append("")
+        lines.append("correctness (packed engine vs float32): " + json.dumps(results["check"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, 1000 sentences")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--models", default="minilm,bert-base")
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL)
+    parser.add_argument("--engine", default="auto")
+    parser.add_argument("--max-num-tokens", type=int, default=16384)
+    parser.add_argument("--sentences", type=int, default=None, help="dev sentences used (default all)")
+    parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--client-procs", type=int, default=None)
+    parser.add_argument("--inflight", type=int, default=None)
+    parser.add_argument("--check", action="store_true", help="packed-engine correctness first (CUDA)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the BERT-base checkpoint is built")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    cores = os.cpu_count() or 2
+    args.client_procs = args.client_procs or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
+    args.inflight = args.inflight or (8 if device == "cuda" else 4)
+    texts, words, tags = conll_sentences(args.conll)
+    n = args.sentences or (1000 if args.quick else len(texts))
+    sents = texts[:n]
+    results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_name(),
+               "device": device, "seconds_per_measure": args.seconds, "models": {}}
+    print(json.dumps(results["machine"]), flush=True)
+    if args.check:
+        from check_packed import check_packed
+        try:
+            results["check"] = check_packed(args.checkpoint, texts, words, tags)
+        except Exception as error:  # noqa: BLE001 - report it, still run the bench
+            import traceback
+            traceback.print_exc()
+            results["check"] = {"error": f"{type(error).__name__}: {error}"}
+        print("check:", json.dumps(results["check"]), flush=True)
+    tag = (results["machine"].get("gpu") or results["machine"]["cpu"]).replace(" ", "-").replace("/", "-")
+    out = args.out or ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nerbench-"))
+    for label in args.models.split(","):
+        path = args.checkpoint if label == "minilm" else build_bert_base(args.checkpoint, workdir / "bert-base-random")
+        results["models"][label] = bench_model(label, path, sents, args, device)
+        out.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
+    text = table(results)
+    print("\n" + text, flush=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

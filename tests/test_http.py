@@ -1,0 +1,161 @@
+"""The server as a real process on a free port, over real HTTP: every route of API.md, the seed
+request, a batch of 64 texts equal to the pipeline, and each bad input answered with its status
+and error JSON while the server stays up."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+import corpus
+from conftest import ServerProcess, real_checkpoint
+from test_parity import compare, oracle
+
+SEED = {"inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
+        "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime",
+                             "API_KEY": KEY, "MAX_TEXTS": "100", "MAX_BODY_BYTES": str(256 * 1024)})
+    first = None
+    while first is None:  # the port opens before the model has loaded: /health must say so
+        try:
+            first = httpx.get(process.url + "/health", timeout=5)
+        except httpx.HTTPError:
+            if process.process.poll() is not None:
+                raise RuntimeError(process.output())
+    process.first_health = first
+    process.wait_ready()
+    yield process
+    assert process.stop(), process.output()
+
+
+def post(server, body, path="/predict_tokens", headers=None, **kwargs) -> httpx.Response:
+    headers = {**AUTH, "content-type": "application/json", **(headers or {})}
+    if not isinstance(body, (bytes, str)):
+        body = json.dumps(body)
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=60, **kwargs)
+
+
+def test_health_is_503_while_loading_then_200(server) -> None:
+    assert server.first_health.status_code == 503
+    assert server.first_health.json()["error_type"] == "Unhealthy"
+    response = httpx.get(server.url + "/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_seed_request_on_every_predict_route(server, built) -> None:
+    answers = [post(server, SEED, path) for path in ("/predict_tokens", "/predict", "/v1/models/model:predict")]
+    assert all(a.status_code == 200 for a in answers)
+    assert answers[0].json() == answers[1].json() == answers[2].json()
+    text = SEED["inputs"][0][0]
+    compare(oracle(str(built("wordpiece-cased")), "max", texts=(text,)), answers[0].json(), [text], 1e-3)
+
+
+def test_batch_of_64_texts_equals_pipeline(server, built) -> None:
+    texts = corpus.texts()[:64]
+    for strategy in ("simple", "average"):
+        response = post(server, {"inputs": texts, "aggregation_strategy": strategy, "truncate": True})
+        assert response.status_code == 200, response.text
+        compare(oracle(str(built("wordpiece-cased")), strategy, texts=tuple(texts)), response.json(), texts, 1e-3)
+
+
+def test_input_shapes_flatten_in_order(server) -> None:
+    nested = post(server, {"inputs": ["a b", ["c d", "e"], "f"]}).json()
+    flat = post(server, {"inputs": ["a b", "c d", "e", "f"]}).json()
+    single = post(server, {"inputs": "a b"}).json()
+    assert nested == flat and len(flat) == 4 and single == flat[:1]
+
+
+def test_none_keeps_special_tokens_and_raw_scores_gives_every_label(server) -> None:
+    answer = post(server, {"inputs": ["Apple U.K."], "aggregation_strategy": "NONE", "raw_scores": True}).json()[0]
+    assert answer[0]["token"] == "[CLS]" and answer[-1]["token"] == "[SEP]"
+    assert all(len(item["results"]) == 9 for item in answer)
+    assert all(item["token"] == "Apple U.K."[item["start"]:item["end"]] for item in answer[1:-1])
+
+
+def test_info_metrics_openapi(server) -> None:
+    info = httpx.get(server.url + "/info", headers=AUTH).json()
+    assert info["engine"] == "onnxruntime" and info["max_input_tokens"] == 512 and len(info["labels"]) == 9
+    assert info["window_stride"] == 128 and info["max_num_tokens"] == 16384 and info["version"]
+    metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
+    for name in ("nerserve_requests_total", "nerserve_texts_total", "nerserve_tokens_total", "nerserve_queue_depth",
+                 "nerserve_batch_size_bucket", "nerserve_request_seconds_bucket", "nerserve_engine_seconds_bucket"):
+        assert name in metrics
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/predict_tokens", "/predict", "/v1/models/model:predict", "/health", "/info", "/metrics"):
+        assert path in spec["paths"]
+    body = spec["paths"]["/predict_tokens"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"inputs", "aggregation_strategy", "raw_scores", "truncate",
+                                       "truncation_direction"}
+
+
+def test_request_id_and_timing_headers(server) -> None:
+    response = post(server, {"inputs": "x"}, headers={"x-request-id": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert float(response.headers["x-total-time-ms"]) >= 0
+
+
+BAD = [
+    # (body, headers, status, error_type, words the message must contain)
+    (b"not json", {}, 400, "Validation", "JSON"),
+    (b'{"inputs": ["\xff\xfe"]}', {}, 400, "Validation", "JSON"),
+    (json.dumps({"inputs": ["a"]}), {"content-type": "text/plain"}, 400, "Validation", "content-type"),
+    ({"inputs": []}, {}, 422, "Empty", "inputs"),
+    ({"inputs": ["a", []]}, {}, 422, "Validation", "inputs[1]"),
+    ({}, {}, 422, "Validation", "inputs"),
+    ({"inputs": [1]}, {}, 422, "Validation", "inputs[0]"),
+    ({"inputs": [[["a"]]]}, {}, 422, "Validation", "inputs[0]"),
+    ({"inputs": None}, {}, 422, "Validation", "inputs"),
+    ({"inputs": ["a"], "aggregation_strategy": "mean"}, {}, 422, "Validation", "aggregation_strategy"),
+    ({"inputs": ["a"], "aggregation_strategy": 3}, {}, 422, "Validation", "aggregation_strategy"),
+    ({"inputs": ["a"], "truncation_direction": "up"}, {}, 422, "Validation", "truncation_direction"),
+    ({"inputs": ["a"], "truncate": "yes"}, {}, 422, "Validation", "truncate"),
+    ({"inputs": ["a"], "raw_scores": 1}, {}, 422, "Validation", "raw_scores"),
+    ({"inputs": ["a"], "raw_scores": True, "aggregation_strategy": "simple"}, {}, 422, "Validation", "raw_scores"),
+    ({"inputs": ["a"], "unknown": 1}, {}, 422, "Validation", "unknown"),
+    ([1, 2], {}, 422, "Validation", "body"),
+    ({"inputs": ["a"] * 101}, {}, 413, "Validation", "101 texts"),
+    ({"inputs": ["a" * (300 * 1024)]}, {}, 413, "Validation", "bytes"),
+    ({"inputs": ["a"]}, {"Authorization": "Bearer wrong"}, 401, "Unauthorized", "API key"),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,kind,words", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_its_status_and_error_json(server, body, headers, status, kind, words) -> None:
+    response = post(server, body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error_type"] == kind
+    assert words in response.json()["error"]
+    assert post(server, {"inputs": "still up"}).status_code == 200
+
+
+def test_api_key_header_forms(server) -> None:
+    no_key = httpx.post(server.url + "/predict_tokens", json={"inputs": "a"})
+    assert no_key.status_code == 401 and no_key.json()["error_type"] == "Unauthorized"
+    assert httpx.post(server.url + "/predict_tokens", json={"inputs": "a"}, headers={"Api-Key": KEY}).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_unknown_route_and_method_answer_json(server) -> None:
+    assert httpx.get(server.url + "/nope", headers=AUTH).json()["error_type"] == "NotFound"
+    assert httpx.get(server.url + "/predict_tokens", headers=AUTH).status_code == 405
+
+
+def test_real_checkpoint_serves_the_seed_request() -> None:
+    """What `make serve CHECKPOINT=../shared/models/minilm-l6-conll03-ner` answers (Apple as ORG)."""
+    process = ServerProcess({"CHECKPOINT": str(real_checkpoint()), "ENGINE": "onnxruntime"})
+    try:
+        process.wait_ready()
+        answer = httpx.post(process.url + "/predict_tokens", json=SEED, timeout=60).json()
+        assert answer[0][0]["token"] == "Apple" and answer[0][0]["results"].keys() == {"ORG"}
+        assert (answer[0][0]["start"], answer[0][0]["end"]) == (0, 5)
+    finally:
+        assert process.stop(), process.output()
