@@ -95,7 +95,7 @@ def _describe(error: ValidationError) -> str:
                 path += ("." if path else "") + part
         if item["type"] == "literal_error" and path in ("aggregation_strategy", "truncation_direction"):
             allowed = STRATEGIES if path == "aggregation_strategy" else ("Right", "Left")
-            messages.append(f"{path}: must be one of {', '.join(allowed)}, not {item['input']!r}")
+            messages.append(f"{path}: must be one of {', '.join(allowed)}, not {repr(item['input'])[:40]}")
         else:
             messages.append(f"{path or 'body'}: {item['msg']}")
     return "; ".join(dict.fromkeys(messages))

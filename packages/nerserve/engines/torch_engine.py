@@ -177,8 +177,7 @@ class _Graph:
         self.bucket, self.slots, self.max_len = bucket, slots, max_len
         self.ids = torch.zeros(bucket, dtype=torch.int64, device=device)
         self.positions = torch.zeros(bucket, dtype=torch.int64, device=device)
-        self.cu = torch.full((slots + 1,), bucket, dtype=torch.int32, device=device)
-        self.cu[0] = 0
+        self.cu = (torch.arange(slots + 1, device=device) * max_len).clamp_(max=bucket).to(torch.int32)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the capture (cuBLAS handles, workspaces)
@@ -259,17 +258,34 @@ class TorchEngine(Engine):
         return self._encoder is not None
 
     def _capture(self, max_tokens: int) -> None:
+        """Graphs per token bucket, in two shapes: many short sequences (up to 128 tokens each), and
+        fewer long ones (up to the max input length). Flash attention launches blocks per sequence
+        slot and per 128 query rows of the longest, so each graph has only as many slots and as long
+        a `max_len` as its batches need; a batch that fits none (e.g. hundreds of 2-token texts) runs
+        eagerly with its exact shape."""
         torch = self._torch
         pool = None
-        buckets = [b for b in GRAPH_BUCKETS if b <= max_tokens]
+        shapes = []
+        for bucket in (b for b in GRAPH_BUCKETS if b <= max_tokens):
+            short, long = min(128, self._max_len, bucket), min(self._max_len, bucket)
+            shapes.append((bucket, bucket // 16 + bucket // short + 2, short))
+            if long > short:
+                shapes.append((bucket, bucket // 128 + bucket // long + 2, long))
         with torch.inference_mode():
-            for bucket in sorted(buckets, reverse=True):  # largest first: the others reuse its memory pool
-                slots = bucket // 2 + 2  # every real sequence has >= 2 tokens ([CLS] [SEP]) + 1 filler
-                graph = _Graph(self._encoder, bucket, slots, min(self._max_len, bucket), self.device, pool)
+            for bucket, slots, max_len in sorted(shapes, reverse=True):  # largest first: the rest reuse its pool
+                graph = _Graph(self._encoder, bucket, slots, max_len, self.device, pool)
                 pool = graph.pool()
                 self._graphs.append(graph)
-        self._graphs.sort(key=lambda g: g.bucket)
+        self._graphs.sort(key=lambda g: (g.bucket, g.slots, g.max_len))
         torch.cuda.synchronize()
+
+    def _pick_graph(self, total: int, count: int, longest: int):
+        for graph in self._graphs:
+            if graph.bucket >= total and graph.max_len >= longest:
+                fillers = -(-(graph.bucket - total) // graph.max_len)
+                if graph.slots >= count + fillers:
+                    return graph
+        return None
 
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         if not sequences:
@@ -288,8 +304,7 @@ class TorchEngine(Engine):
         torch = self._torch
         ids, positions, cu, longest = pack(sequences, self._encoder.position_offset)
         total = int(cu[-1])
-        graph = next((g for g in self._graphs if g.bucket >= total and g.slots >= len(sequences) + 1
-                      and g.max_len >= longest), None)
+        graph = self._pick_graph(total, len(sequences), longest)
         with torch.inference_mode():
             if graph is not None:
                 fill = graph.bucket - total
@@ -303,8 +318,6 @@ class TorchEngine(Engine):
                 cu_full[: len(cu)] = cu
                 cuts = np.arange(total, graph.bucket, graph.max_len, dtype=np.int32)[1:]
                 cu_full[len(cu): len(cu) + len(cuts)] = cuts
-                if len(cu) + len(cuts) > graph.slots:  # too many filler pieces: eager instead
-                    graph = None
             if graph is not None:
                 host = torch.from_numpy(np.concatenate([ids_full, pos_full, cu_full.astype(np.int64)]))
                 dev = host.to(self.device)

@@ -1,0 +1,97 @@
+"""`make stress`: 64 concurrent clients for 60 s of mixed lengths and strategies against a real server.
+
+Every request is answered; each answer equals the same request sent alone; the only errors allowed
+are 429s; the server's memory is flat (resident size after the run within 15% + 64 MiB of after
+warm-up). Longer fuzzing runs here too."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+import corpus
+from conftest import ServerProcess, record
+
+pytestmark = pytest.mark.stress
+CLIENTS = int(os.environ.get("STRESS_CLIENTS", "64"))
+SECONDS = float(os.environ.get("STRESS_SECONDS", "60"))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+
+def requests_mix(seed: int = 5) -> list[dict]:
+    rng = random.Random(seed)
+    texts = corpus.texts()
+    bodies = []
+    for _ in range(60):
+        size = rng.choice([1, 1, 2, 8, 32])
+        body = {"inputs": rng.sample(texts, size), "aggregation_strategy": rng.choice(
+            ["none", "simple", "first", "average", "max"]), "truncate": rng.random() < 0.5}
+        bodies.append(body)
+    return bodies
+
+
+def same_answer(got: list, want: list, tolerance: float = 1e-4) -> bool:
+    """Equal tokens, spans and labels; scores equal up to float noise (batch padding differs under load)."""
+    if len(got) != len(want):
+        return False
+    for text_got, text_want in zip(got, want):
+        if len(text_got) != len(text_want):
+            return False
+        for a, b in zip(text_got, text_want):
+            if {k: v for k, v in a.items() if k != "results"} != {k: v for k, v in b.items() if k != "results"}:
+                return False
+            if list(a["results"]) != list(b["results"]) or any(
+                    abs(a["results"][k] - b["results"][k]) > tolerance for k in a["results"]):
+                return False
+    return True
+
+
+def test_load_64_clients_mixed(built) -> None:
+    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime",
+                             "QUEUE_SIZE": "512"})
+    process.wait_ready()
+    try:
+        bodies = requests_mix()
+        with httpx.Client(base_url=process.url, timeout=120) as client:
+            alone = [client.post("/predict_tokens", json=b).json() for b in bodies]
+        before = rss_bytes(process.process.pid)
+        results: list[tuple[int, bool]] = []
+        deadline = time.time() + SECONDS
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(base_url=process.url, timeout=120) as client:
+                while time.time() < deadline:
+                    index = rng.randrange(len(bodies))
+                    response = client.post("/predict_tokens", content=json.dumps(bodies[index]),
+                                           headers={"content-type": "application/json"})
+                    equal = response.status_code == 200 and same_answer(response.json(), alone[index])
+                    results.append((response.status_code, equal))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        after = rss_bytes(process.process.pid)
+        statuses = Counter(status for status, _ in results)
+        unequal = sum(1 for status, equal in results if status == 200 and not equal)
+        record(f"load: {CLIENTS} clients x {SECONDS:.0f}s: {len(results)} requests, by status "
+               f"{dict(sorted(statuses.items()))}, {unequal} answers unequal to the request alone; "
+               f"RSS {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB")
+        assert set(statuses) <= {200, 429} and statuses[200] > CLIENTS, statuses
+        assert unequal == 0
+        assert after <= before * 1.15 + 64 * 2**20, (before, after)
+    finally:
+        assert process.stop(), process.output()
