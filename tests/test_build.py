@@ -281,3 +281,29 @@ def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp
         assert onnx_export.check_engine_against_torch(checkpoint, engine, shapes=((4, 200), (1, 0))).within("fp16")
     finally:
         engine.close()
+
+
+def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds, build_checkpoints) -> None:
+    """ENGINE_DIR=<built folder> gives the same response lists as the checkpoint's own export."""
+    from nerserve.config import Settings
+    from nerserve.schemas import parse_request
+    from nerserve.service import NerService
+
+    checkpoint = build_checkpoints["wordpiece-cased"]
+    texts = corpus.texts()[:120]
+    from_dir = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=str(cli_builds["wordpiece-cased"][1])))
+    direct = NerService(Settings(checkpoint=str(checkpoint.path), engine="onnxruntime"))
+    assert from_dir.engine.name == "onnxruntime"
+    for strategy in ("none", "simple", "average"):
+        request = parse_request({"inputs": texts, "aggregation_strategy": strategy, "truncate": True}, 1000)
+        got, want = from_dir.predict(request), direct.predict(request)
+        for text_got, text_want in zip(got, want, strict=True):
+            assert [(g["start"], g["end"], list(g["results"])) for g in text_got] == \
+                   [(w["start"], w["end"], list(w["results"])) for w in text_want]
+            for g, w in zip(text_got, text_want):
+                assert abs(next(iter(g["results"].values())) - next(iter(w["results"].values()))) < 1e-4
+    from_dir.close()
+    direct.close()
+    other = build_checkpoints["wordpiece-uncased"]
+    with pytest.raises(ValueError, match="checkpoint"):
+        NerService(Settings(checkpoint=str(other.path), engine_dir=str(cli_builds["wordpiece-cased"][1])))

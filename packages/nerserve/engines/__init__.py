@@ -7,6 +7,7 @@ import logging
 
 from ..checkpoint import Checkpoint
 from ..config import Settings
+from ..manifest import load_engine_dir
 from .base import Engine
 
 log = logging.getLogger(__name__)
@@ -24,34 +25,31 @@ def load_engine(settings: Settings, checkpoint: Checkpoint) -> Engine:
     """The engine `settings.engine` names, or the best one available for `auto`."""
     choice = settings.engine
     artefact = None
-    if settings.engine_dir:
-        from .tensorrt_engine import load_engine_dir
-
-        artefact = load_engine_dir(settings.engine_dir, checkpoint)  # refuses a mismatched manifest, saying why
+    if settings.engine_dir and choice != "torch":
+        # Refuses, saying why, a folder built from another checkpoint, GPU or TensorRT, or tampered with.
+        artefact = load_engine_dir(settings.engine_dir, checkpoint, engine=choice)
     if choice == "auto":
-        if artefact is not None and artefact[0] == "tensorrt":
+        if artefact is not None and artefact.kind == "tensorrt":
             choice = "tensorrt"
-        elif _cuda_available():
+        elif artefact is None and _cuda_available():
             choice = "torch"
         else:
             choice = "onnxruntime"
     log.info("engine: %s", choice)
+    pad_id = checkpoint.tokenizer.pad_token_id or 0
     if choice == "tensorrt":
-        if artefact is None or artefact[0] != "tensorrt":
-            raise ValueError("engine tensorrt needs engine_dir with a TensorRT engine built for this GPU "
-                             "(make build-engine on a GPU machine)")
+        if artefact is None:
+            raise ValueError("engine tensorrt needs engine_dir: a folder made by `make build-engine` on this GPU")
         from .tensorrt_engine import TensorRTEngine
 
-        return TensorRTEngine(artefact[1], pad_id=checkpoint.tokenizer.pad_token_id or 0)
+        return TensorRTEngine(artefact.path, pad_id=pad_id)
     if choice == "torch":
         from .torch_engine import TorchEngine
 
         return TorchEngine(checkpoint, precision=settings.precision)
-    from .ort_engine import OnnxRuntimeEngine
     from ..onnx_export import cached_onnx
+    from .ort_engine import OnnxRuntimeEngine
 
-    if artefact is not None and artefact[0] == "onnx":
-        path, precision = artefact[1], artefact[2]
-    else:
-        path, precision = cached_onnx(checkpoint), "fp32"
-    return OnnxRuntimeEngine(path, pad_id=checkpoint.tokenizer.pad_token_id or 0, precision=precision)
+    if artefact is not None:
+        return OnnxRuntimeEngine(artefact.path, pad_id=pad_id, precision=artefact.precision)
+    return OnnxRuntimeEngine(cached_onnx(checkpoint), pad_id=pad_id)
