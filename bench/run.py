@@ -204,7 +204,7 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
     import httpx
 
     async def main():
-        stats = {"texts": 0, "tokens": 0, "errors": 0, "lat": []}
+        stats = {"texts": 0, "tokens": 0, "errors": 0, "lat": [], "t0": time.time()}
         deadline = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
@@ -221,9 +221,13 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
                     else:
                         stats["errors"] += 1
             await asyncio.gather(*(worker(k) for k in range(inflight)))
+        stats["t1"] = time.time()  # the last answer: requests still in flight at the deadline count
         return stats
 
-    queue.put(asyncio.run(main()))
+    try:
+        queue.put(asyncio.run(main()))
+    except Exception as error:  # noqa: BLE001 - the parent must not wait forever on a dead client
+        queue.put({"texts": 0, "tokens": 0, "errors": 1, "lat": [], "failure": f"{type(error).__name__}: {error}"})
 
 
 def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: int) -> dict:
@@ -238,7 +242,10 @@ def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: i
     el = time.perf_counter() - start - 0.0
     for w in workers:
         w.join()
-    el = max(seconds, min(el, seconds * 1.5))
+    el = max(r["t1"] for r in results) - min(r["t0"] for r in results)  # client spawn excluded
+    failures = [r["failure"] for r in results if "failure" in r]
+    if failures:
+        raise RuntimeError("client failed: " + failures[0])
     lat = [x for r in results for x in r["lat"]]
     return {"texts_s": sum(r["texts"] for r in results) / el, "tokens_s": sum(r["tokens"] for r in results) / el,
             "errors": sum(r["errors"] for r in results), "req_p50_ms": pct(lat, 50) * 1e3,
@@ -260,13 +267,14 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
     env = dict(os.environ, CHECKPOINT=str(path), PORT=str(port), ENGINE=engine, LOG_LEVEL="WARNING",
                NERSERVE_CONFIG=str(ROOT / "config.yaml"),
                PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    log_file = tempfile.NamedTemporaryFile(prefix="nerbench-server-", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         deadline = time.time() + 900
         while True:
             if server.poll() is not None:
-                raise RuntimeError("server exited: " + server.stderr.read().decode()[-2000:])
+                raise RuntimeError("server exited: " + Path(log_file.name).read_text()[-2000:])
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
