@@ -57,17 +57,36 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Entities:
-    """Parallel arrays of entities (or words) in text order."""
+class TokenTable:
+    """Every window of a request's texts, concatenated: one row per token, so each step below is a
+    handful of numpy calls for the whole request instead of a loop over texts."""
 
-    labels: np.ndarray
-    scores: np.ndarray
-    starts: np.ndarray
-    ends: np.ndarray
+    ids: np.ndarray  # int64 [n]
+    starts: np.ndarray  # int64 [n]
+    ends: np.ndarray  # int64 [n]
+    special: np.ndarray  # bool [n]
+    values: np.ndarray  # float32 [n, labels]: logits
+    window: np.ndarray  # int64 [n]: index of the token's window
+    text_of_window: np.ndarray  # int64 [windows]
+
+    @classmethod
+    def of(cls, windows: list[list[Window]], logits: list[np.ndarray]) -> "TokenTable":
+        flat = [w for text_windows in windows for w in text_windows]
+        offsets = np.concatenate([w.offsets for w in flat])
+        lengths = np.fromiter((len(w.ids) for w in flat), dtype=np.int64, count=len(flat))
+        return cls(
+            ids=np.concatenate([w.ids for w in flat]),
+            starts=offsets[:, 0],
+            ends=offsets[:, 1],
+            special=np.concatenate([w.special for w in flat]),
+            values=np.concatenate(logits).astype(np.float32, copy=False),
+            window=np.repeat(np.arange(len(flat)), lengths),
+            text_of_window=np.repeat(np.arange(len(windows)), [len(ws) for ws in windows]),
+        )
 
 
 class Aggregator:
-    """Turns a text's windows and their logits into the response list for one strategy."""
+    """Turns a request's windows and their logits into one response list per text."""
 
     def __init__(self, tokenizer: TextTokenizer, labels: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
@@ -75,102 +94,145 @@ class Aggregator:
 
     # ---- grouped strategies -------------------------------------------------------------------
 
-    def grouped(self, text: str, windows: list[Window], logits: list[np.ndarray], strategy: str) -> list[dict]:
-        """Entities of `text`, one dict per entity, as the pipeline returns them (ignored groups dropped)."""
-        parts = [self._window_entities(text, w, softmax(x), strategy) for w, x in zip(windows, logits)]
-        starts = np.concatenate([p.starts for p in parts])
-        ends = np.concatenate([p.ends for p in parts])
-        labels = np.concatenate([p.labels for p in parts])
-        scores = np.concatenate([p.scores for p in parts])
-        if len(parts) > 1:
-            keep = _merge_overlaps(starts, ends, scores)
-            starts, ends, labels, scores = starts[keep], ends[keep], labels[keep], scores[keep]
-        groups = self.scheme.groups
-        return [
-            {"token": text[s:e], "token_id": 0, "start": s, "end": e, "results": {groups[g]: v}}
-            for s, e, g, v in zip(starts.tolist(), ends.tolist(), labels.tolist(), scores.tolist())
-        ]
+    def grouped(self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray],
+                strategy: str) -> list[list[dict]]:
+        """Entities of each text, as the pipeline returns them (ignored groups dropped, windows merged).
 
-    def _window_entities(self, text: str, window: Window, probs: np.ndarray, strategy: str) -> Entities:
-        content = ~window.special
-        ids = window.ids[content]
-        starts, ends = window.offsets[content, 0], window.offsets[content, 1]
-        probs = probs[content]
+        The pipeline aggregates each window on its own, so every window's first token starts a word
+        and an entity; over-long texts then have their windows' entities merged."""
+        table = TokenTable.of(windows, logits)
+        content = ~table.special
+        if not content.any():
+            return [[] for _ in texts]
+        ids, starts, ends = table.ids[content], table.starts[content], table.ends[content]
+        window = table.window[content]
+        probs = softmax(table.values[content])
+        window_first = np.ones(len(ids), dtype=bool)
+        window_first[1:] = window[1:] != window[:-1]
         if strategy == "simple":
             labels = probs.argmax(axis=-1)
-            words = Entities(labels, probs[np.arange(len(labels)), labels], starts, ends)
+            scores = probs[np.arange(len(labels)), labels]
+            first = np.arange(len(ids))
+            last = first
         else:
-            words = self._words(text, ids, starts, ends, probs, strategy)
-        return self._group(words)
+            text_of_token = table.text_of_window[window]
+            begins = ~self._is_subword(texts, text_of_token, ids, starts, ends) | window_first
+            first = np.flatnonzero(begins)
+            last = np.append(first[1:], len(ids)) - 1
+            labels, scores = _word_labels(probs, first, strategy)
+        # Adjacent words merge into one entity unless a window starts, the tag changes, or B- begins one.
+        tags = self.scheme.tags[labels]
+        new = window_first[first].copy()
+        new[1:] |= (tags[1:] != tags[:-1]) | self.scheme.begins[labels[1:]]
+        group_first = np.flatnonzero(new)
+        group_last = np.append(group_first[1:], len(first)) - 1
+        counts = group_last - group_first + 1
+        group_scores = np.add.reduceat(scores.astype(np.float64), group_first) / counts
+        group_labels = labels[group_first]
+        keep = ~self.scheme.ignored[group_labels]
+        entity_starts = starts[first][group_first][keep]
+        entity_ends = ends[last][group_last][keep]
+        entity_labels, entity_scores = group_labels[keep], group_scores[keep]
+        entity_text = table.text_of_window[window[first][group_first][keep]]
+        names = self.scheme.groups
+        items = [
+            {"token": texts[t][s:e], "token_id": 0, "start": s, "end": e, "results": {names[g]: v}}
+            for t, s, e, g, v in zip(entity_text.tolist(), entity_starts.tolist(), entity_ends.tolist(),
+                                     entity_labels.tolist(), entity_scores.tolist())
+        ]
+        bounds = np.searchsorted(entity_text, np.arange(len(texts) + 1)).tolist()
+        out = [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
+        for t in (t for t, text_windows in enumerate(windows) if len(text_windows) > 1 and out[t]):
+            lo, hi = bounds[t], bounds[t + 1]
+            kept = _merge_overlaps(entity_starts[lo:hi], entity_ends[lo:hi], entity_scores[lo:hi])
+            out[t] = [out[t][i] for i in kept.tolist()]
+        return out
 
-    def _is_subword(self, text: str, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    def _is_subword(self, texts: list[str], text_of_token: np.ndarray, ids: np.ndarray, starts: np.ndarray,
+                    ends: np.ndarray) -> np.ndarray:
         if self.tokenizer.has_subword_prefix:
             subword = self.tokenizer.token_lengths[ids] != (ends - starts)
         else:
-            codepoints = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-            space = np.append(codepoints == 32, False)  # text[start-1:start+1], clipped at the end
-            subword = (starts > 0) & ~(space[np.maximum(starts - 1, 0)] | space[starts])
+            # The fallback reads text[start-1:start+1]: all texts' code points side by side, each followed
+            # by one non-space (the slice is clipped at the end of its text).
+            spaces = [np.frombuffer(t.encode("utf-32-le", "surrogatepass"), dtype=np.uint32) == 32 for t in texts]
+            base = np.cumsum([0] + [len(space) + 1 for space in spaces[:-1]])
+            space = np.concatenate([np.append(space, False) for space in spaces])
+            at = base[text_of_token] + starts
+            subword = (starts > 0) & ~(space[np.maximum(at - 1, 0)] | space[at])
         return subword & (ids != self.tokenizer.unk_id)
-
-    def _words(self, text: str, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, probs: np.ndarray,
-               strategy: str) -> Entities:
-        if len(ids) == 0:
-            return Entities(np.zeros(0, np.int64), np.zeros(0, np.float32), starts, ends)
-        begins = ~self._is_subword(text, ids, starts, ends)
-        begins[0] = True
-        first = np.flatnonzero(begins)
-        last = np.append(first[1:], len(ids)) - 1
-        if strategy == "first":
-            chosen = probs[first]
-        elif strategy == "max":
-            token_max = probs.max(axis=-1)
-            word_max = np.maximum.reduceat(token_max, first)
-            word_of = np.cumsum(begins) - 1
-            candidates = np.where(token_max == word_max[word_of], np.arange(len(ids)), len(ids))
-            chosen = probs[np.minimum.reduceat(candidates, first)]
-        elif strategy == "average":
-            counts = np.diff(np.append(first, len(ids)))
-            chosen = (np.add.reduceat(probs.astype(np.float64), first, axis=0) / counts[:, None]).astype(np.float32)
-        else:
-            raise ValueError(f"unknown aggregation strategy {strategy!r}")
-        labels = chosen.argmax(axis=-1)
-        return Entities(labels, chosen[np.arange(len(labels)), labels], starts[first], ends[last])
-
-    def _group(self, words: Entities) -> Entities:
-        """Merge adjacent words of one tag (unless B-), average their scores, drop ignored groups."""
-        if len(words.labels) == 0:
-            return words
-        tags = self.scheme.tags[words.labels]
-        new = np.ones(len(tags), dtype=bool)
-        new[1:] = (tags[1:] != tags[:-1]) | self.scheme.begins[words.labels[1:]]
-        first = np.flatnonzero(new)
-        last = np.append(first[1:], len(tags)) - 1
-        counts = last - first + 1
-        scores = np.add.reduceat(words.scores.astype(np.float64), first) / counts
-        labels = words.labels[first]
-        keep = ~self.scheme.ignored[labels]
-        return Entities(labels[keep], scores[keep], words.starts[first][keep], words.ends[last][keep])
 
     # ---- token level --------------------------------------------------------------------------
 
-    def tokens(self, text: str, windows: list[Window], logits: list[np.ndarray], raw_scores: bool) -> list[dict]:
-        """Every token once, special tokens included, with its top label's probability or all logits."""
-        ids, offsets, special, values = _stitch(windows, logits, self.tokenizer.window_stride)
+    def tokens(self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray],
+               raw_scores: bool) -> list[list[dict]]:
+        """Every token of each text once, special tokens included, with its top label's probability or
+        all logits; an over-long text's windows are stitched into one sequence first."""
+        table = TokenTable.of(windows, logits)
+        if any(len(text_windows) > 1 for text_windows in windows):
+            table = self._stitched(windows, logits, table)
+        text_of_token = table.text_of_window[table.window]
+        top = table.values.argmax(axis=-1)
         vocab, labels = self.tokenizer.vocab, self.scheme.labels
-        top = values.argmax(axis=-1)
-        names = [vocab[i] if s else text[a:b]
-                 for i, s, (a, b) in zip(ids.tolist(), special.tolist(), offsets.tolist())]
+        names = [vocab[i] if special else texts[t][a:b] for t, i, special, a, b in zip(
+            text_of_token.tolist(), table.ids.tolist(), table.special.tolist(), table.starts.tolist(),
+            table.ends.tolist())]
         if raw_scores:
-            rows = values.tolist()
-            results: list[Any] = [_raw(labels, t, row) for t, row in zip(top.tolist(), rows)]
+            results: list[Any] = [_raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist())]
         else:
-            probs = softmax(values)
-            best = probs[np.arange(len(top)), top].tolist()
+            best = softmax(table.values)[np.arange(len(top)), top].tolist()
             results = [{labels[t]: p} for t, p in zip(top.tolist(), best)]
-        return [
+        items = [
             {"token": name, "token_id": i, "start": a, "end": b, "results": r}
-            for name, i, (a, b), r in zip(names, ids.tolist(), offsets.tolist(), results)
+            for name, i, a, b, r in zip(names, table.ids.tolist(), table.starts.tolist(), table.ends.tolist(),
+                                        results)
         ]
+        bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
+        return [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
+
+    def _stitched(self, windows: list[list[Window]], logits: list[np.ndarray], table: TokenTable) -> TokenTable:
+        """The table with each over-long text's windows replaced by its stitched sequence (one window)."""
+        pieces, cursor, row = [], 0, 0
+        rows_per_window = np.bincount(table.window, minlength=len(table.text_of_window))
+        for t, text_windows in enumerate(windows):
+            count = len(text_windows)
+            size = int(rows_per_window[cursor:cursor + count].sum())
+            if count == 1:
+                pieces.append((table.ids[row:row + size], table.starts[row:row + size], table.ends[row:row + size],
+                               table.special[row:row + size], table.values[row:row + size]))
+            else:
+                ids, offsets, special, values = _stitch(text_windows, logits[cursor:cursor + count],
+                                                        self.tokenizer.window_stride)
+                pieces.append((ids, offsets[:, 0], offsets[:, 1], special, values))
+            cursor += count
+            row += size
+        lengths = [len(piece[0]) for piece in pieces]
+        return TokenTable(
+            ids=np.concatenate([p[0] for p in pieces]), starts=np.concatenate([p[1] for p in pieces]),
+            ends=np.concatenate([p[2] for p in pieces]), special=np.concatenate([p[3] for p in pieces]),
+            values=np.concatenate([p[4] for p in pieces]),
+            window=np.repeat(np.arange(len(windows)), lengths), text_of_window=np.arange(len(windows)),
+        )
+
+
+def _word_labels(probs: np.ndarray, first: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """One (label, score) per word starting at `first`: its first token's (first), the argmax of its
+    mean probabilities (average), or its most confident token's, the earliest on a tie (max)."""
+    if strategy == "first":
+        chosen = probs[first]
+    elif strategy == "max":
+        token_max = probs.max(axis=-1)
+        word_max = np.maximum.reduceat(token_max, first)
+        word_of = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(probs))))
+        candidates = np.where(token_max == word_max[word_of], np.arange(len(probs)), len(probs))
+        chosen = probs[np.minimum.reduceat(candidates, first)]
+    elif strategy == "average":
+        counts = np.diff(np.append(first, len(probs)))
+        chosen = (np.add.reduceat(probs.astype(np.float64), first, axis=0) / counts[:, None]).astype(np.float32)
+    else:
+        raise ValueError(f"unknown aggregation strategy {strategy!r}")
+    labels = chosen.argmax(axis=-1)
+    return labels, chosen[np.arange(len(labels)), labels]
 
 
 def _raw(labels: tuple[str, ...], top: int, row: list[float]) -> dict[str, float]:

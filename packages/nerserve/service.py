@@ -65,17 +65,13 @@ class NerService:
         return Pending(request, texts, windows, job.future, sum(len(s) for s in sequences), started)
 
     def finish(self, pending: Pending, logits: list[np.ndarray]) -> list[list[dict]]:
-        """Aggregate each text's logits into its response list."""
-        strategy = pending.request.aggregation_strategy
-        out, cursor = [], 0
-        for text, windows in zip(pending.texts, pending.windows):
-            text_logits = logits[cursor: cursor + len(windows)]
-            cursor += len(windows)
-            if strategy == "none":
-                out.append(self.aggregator.tokens(text, windows, text_logits, pending.request.raw_scores))
-            else:
-                out.append(self.aggregator.grouped(text, windows, text_logits, strategy))
-        return out
+        """Aggregate the request's logits into one response list per text."""
+        request = pending.request
+        if not pending.texts:
+            return []
+        if request.aggregation_strategy == "none":
+            return self.aggregator.tokens(pending.texts, pending.windows, logits, request.raw_scores)
+        return self.aggregator.grouped(pending.texts, pending.windows, logits, request.aggregation_strategy)
 
     def predict(self, request: PredictRequest, timeout: float | None = None) -> list[list[dict]]:
         """Blocking form of submit + finish, for in-process callers (the Truss Model, tests)."""
