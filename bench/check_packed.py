@@ -72,8 +72,8 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         for strategy in ("simple", "max"):
             differ, cursor = 0, 0
             for text, w in zip(all_texts, windows):
-                a = agg.grouped(text, w, out[cursor: cursor + len(w)], strategy)
-                b = agg.grouped(text, w, ref[cursor: cursor + len(w)], strategy)
+                a = agg.grouped([text], [w], out[cursor: cursor + len(w)], strategy)[0]
+                b = agg.grouped([text], [w], ref[cursor: cursor + len(w)], strategy)[0]
                 cursor += len(w)
                 differ += _entities(a) != _entities(b)
             entry[f"texts_with_different_entities_{strategy}"] = differ
@@ -92,7 +92,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         differ, cursor = 0, 0
         out = outputs["packed"]
         for text, w, t in zip(subset, sent_windows, theirs):
-            ours = agg.grouped(text, w, out[cursor: cursor + len(w)], "simple")
+            ours = agg.grouped([text], [w], out[cursor: cursor + len(w)], "simple")[0]
             cursor += len(w)
             differ += _entities(ours) != [(e["entity_group"], e["start"], e["end"]) for e in t]
         report["pipeline_fp32_vs_packed_simple"] = {"texts": len(subset), "texts_differing": differ}
