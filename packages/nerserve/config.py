@@ -24,7 +24,7 @@ class Settings:
     max_texts: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
     queue_size: int = 4096
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0  # 0: continuous batching, whatever queued while the engine ran
     request_timeout_s: float = 60.0
     shutdown_grace_s: float = 5.0  # after SIGTERM: answer 503 to new requests this long, then stop
     api_key: str | None = None

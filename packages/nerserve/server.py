@@ -22,6 +22,7 @@ import orjson
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
@@ -32,6 +33,7 @@ from .schemas import PredictRequest, TokenResult, parse_request
 
 log = logging.getLogger("nerserve")
 PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
+INLINE_TEXTS, INLINE_CHARS = 4, 2000  # requests this small skip the worker-thread hops (~0.1 ms of work)
 
 
 def load_model_class(root: Path):
@@ -52,6 +54,50 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _error(error: ApiError) -> Response:
     return _json(error.body(), error.status, error.headers)
+
+
+class Envelope:
+    """Request id (`x-request-id` honoured or made), API key, `x-total-time-ms`, the request counter and
+    one structured log line per request. Plain ASGI rather than `@app.middleware("http")`, whose
+    per-request task group and body streams cost more than the rest of a small request."""
+
+    OPEN_PATHS = ("/health", "/openapi.json", "/docs")
+    ROUTES = PREDICT_ROUTES + ("/health", "/info", "/metrics")
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    def _authorized(self, headers: Headers) -> bool:
+        supplied = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
+        return supplied == self.api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_headers(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                timing = f"{(time.perf_counter() - started) * 1000:.2f}"
+                extra = [(b"x-request-id", request_id.encode("latin-1", "replace")), (b"x-total-time-ms", timing.encode())]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
+            refusal = _error(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key)"))
+            await refusal(scope, receive, send_with_headers)
+        else:
+            await self.app(scope, receive, send_with_headers)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        route = scope["path"] if scope["path"] in self.ROUTES else "other"
+        self.metrics.requests.labels(route, str(status)).inc()
+        log.info('{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}', request_id,
+                 scope["method"], route, status, elapsed_ms)
 
 
 class State:
@@ -110,28 +156,7 @@ def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI
             raise Unhealthy(f"model failed to load: {state.failure}" if state.failure else "model is loading")
         return state.model.service
 
-    @app.middleware("http")
-    async def envelope(request: Request, call_next):
-        """Request id, API key, timing header, request counter and one structured log line per request."""
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        started = time.perf_counter()
-        if settings.api_key and request.url.path not in ("/health", "/openapi.json", "/docs"):
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip() \
-                or request.headers.get("api-key", "")
-            if supplied != settings.api_key:
-                response = _error(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key)"))
-            else:
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        response.headers["x-request-id"] = request_id
-        response.headers["x-total-time-ms"] = f"{elapsed * 1000:.2f}"
-        route = request.url.path if request.url.path in PREDICT_ROUTES + ("/health", "/info", "/metrics") else "other"
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        log.info('{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}', request_id, request.method,
-                 route, response.status_code, elapsed * 1000)
-        return response
+    app.add_middleware(Envelope, api_key=settings.api_key, metrics=metrics)
 
     async def predict(request: Request) -> Response:
         try:
@@ -204,7 +229,10 @@ async def _answer(request: Request, service, parsed: PredictRequest, settings: S
     """Tokenize in a worker thread, wait for the engine (bounded by the timeout, abandoned if the client
     goes away), aggregate in a worker thread, encode with orjson."""
     started = time.perf_counter()
-    pending = await asyncio.to_thread(service.submit, parsed)
+    texts = parsed.texts()
+    small = len(texts) <= INLINE_TEXTS and sum(len(text) for text in texts) <= INLINE_CHARS
+    # A small request costs less than a thread hop: tokenize and aggregate it on the event loop.
+    pending = service.submit(parsed) if small else await asyncio.to_thread(service.submit, parsed)
     waiter = asyncio.ensure_future(asyncio.wrap_future(pending.future))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -221,7 +249,7 @@ async def _answer(request: Request, service, parsed: PredictRequest, settings: S
     logits = waiter.result()
     metrics.queue_seconds.observe(time.perf_counter() - started)
     try:
-        items = await asyncio.to_thread(service.finish, pending, logits)
+        items = service.finish(pending, logits) if small else await asyncio.to_thread(service.finish, pending, logits)
     except Exception as error:
         raise Backend(f"aggregation failed: {type(error).__name__}: {error}") from error
     metrics.texts.inc(len(pending.texts))
