@@ -259,13 +259,13 @@ def free_port() -> int:
 
 
 def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, seconds: float, procs: int,
-               inflight: int, engine: str) -> dict:
+               inflight: int, engine: str, engine_dir: Path | None = None) -> dict:
     import httpx
     import orjson
 
     port = free_port()
     env = dict(os.environ, CHECKPOINT=str(path), PORT=str(port), ENGINE=engine, LOG_LEVEL="WARNING",
-               NERSERVE_CONFIG=str(ROOT / "config.yaml"),
+               NERSERVE_CONFIG=str(ROOT / "config.yaml"), ENGINE_DIR=str(engine_dir or ""),
                PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     log_file = tempfile.NamedTemporaryFile(prefix="nerbench-server-", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
@@ -320,12 +320,20 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
 
 # ---- per model ----------------------------------------------------------------------------------------
 
-def bench_model(label: str, path: Path, sents: list[str], args, device: str) -> dict:
+def build_int8(path: Path, out: Path) -> Path:
+    """`make build-engine PRECISION=int8` for the CPU row: quantized graph, F1 measured by the build."""
+    subprocess.run([sys.executable, str(ROOT / "build" / "build_engine.py"), "--checkpoint", str(path),
+                    "--precision", "int8", "--out", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def bench_model(label: str, path: Path, sents: list[str], args, device: str, engine_dir: Path | None = None) -> dict:
     from nerserve.config import Settings
     from nerserve.service import NerService
 
-    print(f"[{label}] loading service ({path})", flush=True)
-    service = NerService(Settings(checkpoint=str(path), engine=args.engine))
+    print(f"[{label}] loading service ({path}{', engine dir ' + str(engine_dir) if engine_dir else ''})", flush=True)
+    service = NerService(Settings(checkpoint=str(path), engine=args.engine,
+                                  engine_dir=str(engine_dir) if engine_dir else None))
     tok = service.tokenizer
     windows = tok.encode(sents, False)
     ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows)}
@@ -337,6 +345,9 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str) -> 
     res = {"checkpoint": str(path), "engine": service.engine.name, "precision": service.engine.precision,
            "packed": not service.engine.padded, "sentences": len(sents), "mean_sentence_tokens": float(counts.mean()),
            "paragraphs": len(paras), "mean_paragraph_tokens": float(np.mean([ntok[p] for p in paras]))}
+    if engine_dir:  # the build measured entity F1 on CoNLL dev for both precisions
+        graph = json.loads((engine_dir / "manifest.json").read_text())["parity"]["int8"]
+        res["conll_f1"] = {k: graph[k] for k in ("f1_fp32", "f1_int8", "f1_sentences") if k in graph}
     print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
     res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, args.max_num_tokens)
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
@@ -356,7 +367,7 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str) -> 
     if not args.no_http:
         try:
             res["http"] = bench_http(path, sents, paras, ntok, args.seconds, args.client_procs, args.inflight,
-                                     args.engine)
+                                     args.engine, engine_dir)
             print(f"[{label}] http: {res['http']}", flush=True)
         except Exception as error:  # noqa: BLE001 - report, keep the other figures
             res["http_error"] = f"{type(error).__name__}: {error}"
@@ -397,6 +408,11 @@ def table(results: dict) -> str:
             lines.append(f"| {label} | HTTP | failed: {r['http_error'][:120]} | | | | | |")
         else:
             lines.append(f"| {label} | HTTP | not measured on this machine (--no-http) | | | | | |")
+    for label, r in results["models"].items():
+        if "conll_f1" in r:
+            f1 = r["conll_f1"]
+            lines.append(f"\n{label}: entity F1 on CoNLL-2003 dev ({f1.get('f1_sentences')} sentences): "
+                         f"fp32 {f1.get('f1_fp32', float('nan')):.4f}, int8 {f1.get('f1_int8', float('nan')):.4f}")
     if "check" in results:
         lines.append("")
         lines.append("correctness (packed engine vs float32): " + json.dumps(results["check"]))
@@ -407,7 +423,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, 1000 sentences")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
-    parser.add_argument("--models", default="minilm,bert-base")
+    parser.add_argument("--models", default=None,
+                        help="comma list of minilm, bert-base, minilm-int8 (default: minilm,bert-base, plus "
+                             "minilm-int8 on CPU)")
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL)
     parser.add_argument("--engine", default="auto")
@@ -446,9 +464,12 @@ def main() -> None:
     out = args.out or ROOT / "bench" / "results" / f"{dt.date.today().isoformat()}-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nerbench-"))
-    for label in args.models.split(","):
-        path = args.checkpoint if label == "minilm" else build_bert_base(args.checkpoint, workdir / "bert-base-random")
-        results["models"][label] = bench_model(label, path, sents, args, device)
+    models = args.models or ("minilm,bert-base" if device == "cuda" else "minilm,minilm-int8,bert-base")
+    for label in models.split(","):
+        path = build_bert_base(args.checkpoint, workdir / "bert-base-random") if label == "bert-base" \
+            else args.checkpoint
+        engine_dir = build_int8(path, workdir / "int8") if label == "minilm-int8" else None
+        results["models"][label] = bench_model(label, path, sents, args, device, engine_dir)
         out.write_text(json.dumps(results, indent=1))  # partial results survive a later failure
     text = table(results)
     print("\n" + text, flush=True)
