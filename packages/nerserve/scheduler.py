@@ -1,7 +1,7 @@
 """Cross-request dynamic batching: one thread owns the engine and feeds it token-budget batches.
 
 Requests submit their token sequences and get a Future. The worker takes every job waiting (up
-to the token budget, waiting at most `batch_wait_ms` for more to arrive), plans batches over the
+to the token budget, waiting at most `batch_wait_ms` for more: 0 by default, continuous batching), plans batches over the
 union of their sequences longest-first, runs them, and resolves each job when all of its
 sequences are done. A batch that raises fails only the jobs with a sequence in it; a job whose
 client went away is skipped. The queue is bounded in sequences: a full queue refuses the whole
@@ -30,7 +30,6 @@ class Job:
     future: Future = dataclasses.field(default_factory=Future)
     results: list[np.ndarray | None] = dataclasses.field(init=False)
     remaining: int = dataclasses.field(init=False)
-    enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.sequences)
@@ -141,7 +140,8 @@ class Scheduler:
                 continue
             seconds = time.perf_counter() - started
             real = int(lengths[batch].sum())
-            self._observe_batch(len(live), real, len(live) * int(lengths[batch].max()), seconds)
+            padded = len(live) * int(lengths[batch].max()) if self.engine.padded else real
+            self._observe_batch(len(live), real, padded, seconds)
             for (job, i), out in zip(live, logits):
                 job.results[i] = out
                 job.remaining -= 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -33,7 +32,6 @@ class Pending:
     windows: list[list[Window]]
     future: Future
     tokens: int
-    started: float
 
 
 class NerService:
@@ -54,7 +52,6 @@ class NerService:
 
     def submit(self, request: PredictRequest) -> Pending:
         """Tokenize and queue; the engine runs in the scheduler's thread."""
-        started = time.perf_counter()
         texts = request.texts()
         try:
             windows = self.tokenizer.encode(texts, request.truncate, request.truncation_direction)
@@ -62,7 +59,7 @@ class NerService:
             raise Invalid(f"inputs: cannot tokenize: {error}") from None
         sequences = [w.ids for text_windows in windows for w in text_windows]
         job = self.scheduler.submit(sequences)
-        return Pending(request, texts, windows, job.future, sum(len(s) for s in sequences), started)
+        return Pending(request, texts, windows, job.future, sum(len(s) for s in sequences))
 
     def finish(self, pending: Pending, logits: list[np.ndarray]) -> list[list[dict]]:
         """Aggregate the request's logits into one response list per text."""
