@@ -18,7 +18,7 @@ def _run_all(engine, seqs, max_num_tokens=16384):
 
     out = [None] * len(seqs)
     lengths = np.array([len(s) for s in seqs])
-    for batch in plan_batches(lengths, max_num_tokens, engine.padded):
+    for batch in plan_batches(lengths, max_num_tokens, engine.padded, engine.min_fill):
         for i, x in zip(batch.tolist(), engine.run([seqs[i] for i in batch.tolist()])):
             out[i] = x
     return out

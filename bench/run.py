@@ -161,7 +161,7 @@ def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens:
     from nerserve.batching import plan_batches
 
     lengths = np.array([len(s) for s in seqs])
-    batches = [[seqs[i] for i in b] for b in plan_batches(lengths, max_num_tokens, engine.padded)]
+    batches = [[seqs[i] for i in b] for b in plan_batches(lengths, max_num_tokens, engine.padded, engine.min_fill)]
     for b in batches[:3]:
         engine.run(b)
     tokens = texts = 0
@@ -387,10 +387,10 @@ def table(results: dict) -> str:
 
         def row(name, d, single=None):
             single = single or {}
-            lat = single.get("p50_ms")
+            lat, p99 = single.get("p50_ms"), single.get("p99_ms")
             lines.append(f"| {label} | {name} | {d['tokens_s']:,.0f} | {d['texts_s']:,.1f} | "
-                         f"{d['tokens_s'] / base:.2f} | {lat if lat is None else f'{lat:.2f}'} | "
-                         f"{single.get('p99_ms', float('nan')):.2f} | "
+                         f"{d['tokens_s'] / base:.2f} | {'' if lat is None else f'{lat:.2f}'} | "
+                         f"{'' if p99 is None else f'{p99:.2f}'} | "
                          f"{'' if lat is None else f'{p1 / lat:.2f}'} |")
         row("pipeline b1 (fp32)", r["pipeline_b1"], r["pipeline_b1"])
         row("pipeline b64 (fp32)", r["pipeline_b64"])

@@ -21,12 +21,15 @@ def test_plan_batches_respects_budget_and_covers_everything(padded: bool) -> Non
     for _ in range(200):
         lengths = rng.integers(1, 512, size=rng.integers(1, 300))
         budget = int(rng.integers(512, 20000))
-        batches = plan_batches(lengths, budget, padded)
+        min_fill = float(rng.choice([0.0, 0.5, 0.9]))
+        batches = plan_batches(lengths, budget, padded, min_fill)
         seen = np.concatenate(batches)
         assert sorted(seen.tolist()) == list(range(len(lengths)))
         for batch in batches:
             cost = len(batch) * lengths[batch].max() if padded else lengths[batch].sum()
             assert cost <= budget
+            if padded:  # bounded padding: every member is long enough
+                assert lengths[batch].min() >= min_fill * lengths[batch].max()
         firsts = [lengths[b].max() for b in batches]
         assert firsts == sorted(firsts, reverse=True)  # longest first: little padding
 
@@ -34,6 +37,8 @@ def test_plan_batches_respects_budget_and_covers_everything(padded: bool) -> Non
 def test_plan_batches_fills_the_budget() -> None:
     batches = plan_batches(np.array([100] * 10 + [50] * 10), 400, padded=True)
     assert [len(b) for b in batches] == [4, 4, 4, 8]  # a batch of 2x100 + 2x50 costs 4x100
+    bounded = plan_batches(np.array([100] * 10 + [50] * 10), 400, padded=True, min_fill=0.8)
+    assert [len(b) for b in bounded] == [4, 4, 2, 8, 2]  # 50 < 0.8 x 100: no 100s padded with 50s
     with pytest.raises(ValueError, match="exceeds max_num_tokens"):
         plan_batches(np.array([600]), 512, padded=True)
 

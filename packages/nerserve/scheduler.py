@@ -125,7 +125,7 @@ class Scheduler:
         owners = [(job, i) for job in jobs for i in range(len(job.sequences))]
         sequences = [job.sequences[i] for job, i in owners]
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        for batch in plan_batches(lengths, self.max_num_tokens, self.engine.padded):
+        for batch in plan_batches(lengths, self.max_num_tokens, self.engine.padded, self.engine.min_fill):
             members = [owners[i] for i in batch.tolist()]
             live = [(job, i) for job, i in members if not job.future.done()]
             if not live:

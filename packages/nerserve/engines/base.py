@@ -21,6 +21,8 @@ class Engine(abc.ABC):
     precision: str = "fp32"
     #: True when a batch costs batch_size x longest tokens (padding), False when it costs the sum
     padded: bool = True
+    #: padded engines: every sequence of a batch is at least this fraction of the batch's longest
+    min_fill: float = 0.75
 
     @abc.abstractmethod
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
