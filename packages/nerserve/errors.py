@@ -25,10 +25,14 @@ class BadRequest(ApiError):
 
 
 class Unauthorized(ApiError):
+    """An API key is configured and the request's is missing or wrong."""
+
     status, kind = 401, "Unauthorized"
 
 
 class PayloadTooLarge(ApiError):
+    """The body or the number of texts is over its configured limit."""
+
     status, kind = 413, "Validation"
 
 
@@ -39,20 +43,30 @@ class Invalid(ApiError):
 
 
 class Empty(Invalid):
+    """`inputs` is an empty list: nothing to run."""
+
     kind = "Empty"
 
 
 class Overloaded(ApiError):
+    """The queue is full; nothing of the request was started, so retrying is safe."""
+
     status, kind = 429, "Overloaded"
 
 
 class Unhealthy(ApiError):
+    """Not ready yet (loading, warming up) or draining for shutdown."""
+
     status, kind = 503, "Unhealthy"
 
 
 class Timeout(ApiError):
+    """The request outlived request_timeout_s; the scheduler skips its remaining work."""
+
     status, kind = 504, "Timeout"
 
 
 class Backend(ApiError):
+    """The engine failed on a batch holding this request's texts; the server goes on."""
+
     status, kind = 500, "Backend"
