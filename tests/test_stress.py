@@ -1,8 +1,9 @@
 """`make stress`: 64 concurrent clients for 60 s of mixed lengths and strategies against a real server.
 
 Every request is answered; each answer equals the same request sent alone; the only errors allowed
-are 429s; the server's memory is flat (resident size after the run within 15% + 64 MiB of after
-warm-up). Longer fuzzing runs here too."""
+are 429s; the server's memory is flat: its resident size at the end is within 10% + 32 MiB of what
+it was after WARMUP seconds of the same load (ONNX Runtime's arena grows to the largest concurrent
+batch in the first seconds and keeps it; a leak keeps growing). Longer fuzzing runs here too."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from conftest import ServerProcess, record
 pytestmark = pytest.mark.stress
 CLIENTS = int(os.environ.get("STRESS_CLIENTS", "64"))
 SECONDS = float(os.environ.get("STRESS_SECONDS", "60"))
+WARMUP = 15.0  # seconds into the load when the baseline resident size is taken
 
 
 def rss_bytes(pid: int) -> int:
@@ -65,9 +67,10 @@ def test_load_64_clients_mixed(built) -> None:
         bodies = requests_mix()
         with httpx.Client(base_url=process.url, timeout=120) as client:
             alone = [client.post("/predict_tokens", json=b).json() for b in bodies]
-        before = rss_bytes(process.process.pid)
+        idle = rss_bytes(process.process.pid)
         results: list[tuple[int, bool]] = []
-        deadline = time.time() + SECONDS
+        started = time.time()
+        deadline = started + SECONDS
 
         def worker(seed: int) -> None:
             rng = random.Random(seed)
@@ -82,6 +85,8 @@ def test_load_64_clients_mixed(built) -> None:
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(CLIENTS)]
         for thread in threads:
             thread.start()
+        time.sleep(max(0.0, started + WARMUP - time.time()))
+        warm = rss_bytes(process.process.pid)
         for thread in threads:
             thread.join()
         after = rss_bytes(process.process.pid)
@@ -89,9 +94,10 @@ def test_load_64_clients_mixed(built) -> None:
         unequal = sum(1 for status, equal in results if status == 200 and not equal)
         record(f"load: {CLIENTS} clients x {SECONDS:.0f}s: {len(results)} requests, by status "
                f"{dict(sorted(statuses.items()))}, {unequal} answers unequal to the request alone; "
-               f"RSS {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB")
+               f"RSS {idle / 2**20:.0f} MiB idle, {warm / 2**20:.0f} MiB after {WARMUP:.0f}s of load, "
+               f"{after / 2**20:.0f} MiB at the end")
         assert set(statuses) <= {200, 429} and statuses[200] > CLIENTS, statuses
         assert unequal == 0
-        assert after <= before * 1.15 + 64 * 2**20, (before, after)
+        assert after <= warm * 1.10 + 32 * 2**20, (warm, after)
     finally:
         assert process.stop(), process.output()
