@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 
 
-def _run_all(engine, seqs, max_num_tokens=16384):
+def run_batched(engine, seqs, max_num_tokens=16384):
+    """Logits of every sequence, run in the token-budget batches the server would form (one batch
+    of all of CoNLL dev would pad 3250 sentences to the longest and take tens of GB on CPU)."""
     from nerserve.batching import plan_batches
 
     out = [None] * len(seqs)
@@ -50,7 +52,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
     windows = sent_windows + tok.encode(paras, False)
     seqs = [x.ids for w in windows for x in w]
     ref_engine = TorchEngine(ck, device="cuda" if cuda else "cpu", precision="fp32", packed=False)
-    ref = _run_all(ref_engine, seqs)
+    ref = run_batched(ref_engine, seqs)
     ref_engine.close()
     engines = {"packed": TorchEngine(ck) if cuda else TorchEngine(ck, device="cpu", packed=True)}
     if cuda:
@@ -61,7 +63,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
               "tokens": int(ref_labels.size)}
     outputs = {}
     for name, engine in engines.items():
-        out = _run_all(engine, seqs)
+        out = run_batched(engine, seqs)
         outputs[name] = out
         labels = np.concatenate([x.argmax(-1) for x in out])
         entry = {"engine": f"{engine.precision} {'packed' if not engine.padded else 'padded'}"

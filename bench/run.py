@@ -351,7 +351,9 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
     res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, args.max_num_tokens)
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
-    logits = service.engine.run(seqs)
+    from check_packed import run_batched
+
+    logits = run_batched(service.engine, seqs, args.max_num_tokens)
     cursor, logits_of = 0, {}
     for t, w in zip(sents, windows):
         logits_of[t] = logits[cursor: cursor + len(w)]; cursor += len(w)
