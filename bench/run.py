@@ -4,6 +4,8 @@ For each checkpoint (the shared MiniLM-L6 CoNLL model, and a BERT-base-shaped to
 random weights built on the spot), on the machine this runs on:
 - pipeline b1 / b64: transformers' token-classification pipeline (aggregation "simple"), one
   sentence per call / lists with batch_size=64 (float32: the pipeline is Python-bound, fp16 is slower);
+  and the HTTP bench's paragraph requests (8 per call, batch_size=8), which the paragraph row is
+  also compared with;
 - engine: the engine `engine: auto` picks (ONNX Runtime on CPU, packed PyTorch on CUDA) on
   pre-tokenized CoNLL dev sentences in token-budget batches (max_num_tokens 16384), logits to host;
 - host: tokenization + aggregation ("simple") + orjson encoding, without the engine (logits precomputed);
@@ -132,7 +134,22 @@ def timed_loop(fn, items, seconds: float, min_iters: int = 3):
 
 # ---- measurements -------------------------------------------------------------------------------------
 
-def bench_pipeline(path: Path, sents: list[str], ntok: dict, seconds: float, device: str) -> dict:
+def _pipeline_throughput(pipe, chunks: list[list[str]], batch_size: int, ntok: dict, seconds: float) -> dict:
+    """Texts and tokens per second of the pipeline called on `chunks` in turn with `batch_size`."""
+    pipe(chunks[0][:batch_size], batch_size=batch_size)
+    texts = tokens = 0
+    start = time.perf_counter()
+    for k in range(10 ** 6):
+        chunk = chunks[k % len(chunks)]
+        pipe(chunk, batch_size=batch_size)
+        texts += len(chunk); tokens += sum(ntok[s] for s in chunk)
+        if time.perf_counter() - start >= seconds:
+            break
+    el = time.perf_counter() - start
+    return {"texts_s": texts / el, "tokens_s": tokens / el}
+
+
+def bench_pipeline(path: Path, sents: list[str], paras: list[str], ntok: dict, seconds: float, device: str) -> dict:
     from transformers import pipeline
 
     pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple",
@@ -141,20 +158,11 @@ def bench_pipeline(path: Path, sents: list[str], ntok: dict, seconds: float, dev
     n, el, lat = timed_loop(lambda s: pipe(s), sents, seconds)
     b1 = {"texts_s": n / el, "tokens_s": sum(ntok[s] for s in (sents * (n // len(sents) + 1))[:n]) / el,
           "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
-    chunks = [sents[i:i + 256] for i in range(0, len(sents), 256)]
-    pipe(chunks[0][:64], batch_size=64)
-    texts = tokens = 0
-    start = time.perf_counter()
-    for k in range(10 ** 6):
-        chunk = chunks[k % len(chunks)]
-        pipe(chunk, batch_size=64)
-        texts += len(chunk); tokens += sum(ntok[s] for s in chunk)
-        if time.perf_counter() - start >= seconds:
-            break
-    el = time.perf_counter() - start
-    b64 = {"texts_s": texts / el, "tokens_s": tokens / el}
+    b64 = _pipeline_throughput(pipe, [sents[i:i + 256] for i in range(0, len(sents), 256)], 64, ntok, seconds)
+    # the same requests of 8 paragraphs the HTTP bench sends, so paragraphs compare like with like
+    p8 = _pipeline_throughput(pipe, [paras[i:i + 8] for i in range(0, len(paras) - 7, 8)], 8, ntok, seconds)
     del pipe
-    return {"pipeline_b1": b1, "pipeline_b64": b64}
+    return {"pipeline_b1": b1, "pipeline_b64": b64, "pipeline_paragraphs": p8}
 
 
 def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens: int) -> dict:
@@ -364,7 +372,7 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     if device == "cuda":
         import torch
         torch.cuda.empty_cache()
-    res.update(bench_pipeline(path, sents, ntok, args.seconds, device))
+    res.update(bench_pipeline(path, sents, paras, ntok, args.seconds, device))
     print(f"[{label}] pipeline: b1 {res['pipeline_b1']} b64 {res['pipeline_b64']}", flush=True)
     if not args.no_http:
         try:
@@ -396,13 +404,17 @@ def table(results: dict) -> str:
                          f"{'' if lat is None else f'{p1 / lat:.2f}'} |")
         row("pipeline b1 (fp32)", r["pipeline_b1"], r["pipeline_b1"])
         row("pipeline b64 (fp32)", r["pipeline_b64"])
+        if "pipeline_paragraphs" in r:
+            row("pipeline paragraphs, 8/call (fp32)", r["pipeline_paragraphs"])
         eng = f"engine alone ({r['engine']} {r['precision']}{' packed' if r['packed'] else ''})"
         row(eng, r["engine_alone"], r["engine_alone"])
         row("host path alone (tokenize+aggregate+json)", r["host"])
         if "http" in r:
             h = r["http"]
             row(f"HTTP sentences, 64/request, clients {h['sentences']['clients']}", h["sentences"], h["single"])
-            row(f"HTTP paragraphs ({r['mean_paragraph_tokens']:.0f} tok), 8/request", h["paragraphs"])
+            like = (f"; {h['paragraphs']['tokens_s'] / r['pipeline_paragraphs']['tokens_s']:.2f}x pipeline paragraphs"
+                    if "pipeline_paragraphs" in r else "")
+            row(f"HTTP paragraphs ({r['mean_paragraph_tokens']:.0f} tok), 8/request{like}", h["paragraphs"])
             s = h["single"]
             lines.append(f"| {label} | one sentence, server-side (x-total-time-ms) | | | | "
                          f"{s['server_p50_ms']:.2f} | {s['server_p99_ms']:.2f} | |")
