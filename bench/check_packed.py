@@ -16,11 +16,9 @@ import numpy as np
 def run_batched(engine, seqs, max_num_tokens=16384):
     """Logits of every sequence, run in the token-budget batches the server would form (one batch
     of all of CoNLL dev would pad 3250 sentences to the longest and take tens of GB on CPU)."""
-    from nerserve.batching import plan_batches
-
     out = [None] * len(seqs)
     lengths = np.array([len(s) for s in seqs])
-    for batch in plan_batches(lengths, max_num_tokens, engine.padded, engine.min_fill):
+    for batch in engine.plan(lengths, max_num_tokens):
         for i, x in zip(batch.tolist(), engine.run([seqs[i] for i in batch.tolist()])):
             out[i] = x
     return out

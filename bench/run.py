@@ -38,6 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "bench")]
+from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -75,6 +76,12 @@ def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int =
             continue
         cur.append(text); n += int(c) - (2 if cur[:-1] else 0)
     return out
+
+
+def requests_of(items: list, per: int) -> list[list]:
+    """Consecutive requests of `per` items, as the HTTP bench sends them (one shorter request when
+    there are fewer than `per` items, so a small --sentences still measures something)."""
+    return [items[i:i + per] for i in range(0, len(items) - per + 1, per)] or [items]
 
 
 def machine_name() -> dict:
@@ -160,16 +167,14 @@ def bench_pipeline(path: Path, sents: list[str], paras: list[str], ntok: dict, s
           "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
     b64 = _pipeline_throughput(pipe, [sents[i:i + 256] for i in range(0, len(sents), 256)], 64, ntok, seconds)
     # the same requests of 8 paragraphs the HTTP bench sends, so paragraphs compare like with like
-    p8 = _pipeline_throughput(pipe, [paras[i:i + 8] for i in range(0, len(paras) - 7, 8)], 8, ntok, seconds)
+    p8 = _pipeline_throughput(pipe, requests_of(paras, 8), 8, ntok, seconds)
     del pipe
     return {"pipeline_b1": b1, "pipeline_b64": b64, "pipeline_paragraphs": p8}
 
 
 def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens: int) -> dict:
-    from nerserve.batching import plan_batches
-
     lengths = np.array([len(s) for s in seqs])
-    batches = [[seqs[i] for i in b] for b in plan_batches(lengths, max_num_tokens, engine.padded, engine.min_fill)]
+    batches = [[seqs[i] for i in b] for b in engine.plan(lengths, max_num_tokens)]
     for b in batches[:3]:
         engine.run(b)
     tokens = texts = 0
@@ -294,12 +299,8 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
         info = httpx.get(f"http://127.0.0.1:{port}/info").json()
 
         def payloads(texts, per):
-            out = []
-            for i in range(0, len(texts) - per + 1, per):
-                chunk = texts[i:i + per]
-                out.append((orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}), len(chunk),
-                            sum(ntok[t] for t in chunk)))
-            return out
+            return [(orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}), len(chunk),
+                     sum(ntok[t] for t in chunk)) for chunk in requests_of(texts, per)]
 
         res = {"engine": info.get("engine"), "precision": info.get("precision")}
         res["sentences"] = http_load(port, payloads(sents, 64), seconds, procs, inflight)
@@ -359,8 +360,6 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
     res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, args.max_num_tokens)
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
-    from check_packed import run_batched
-
     logits = run_batched(service.engine, seqs, args.max_num_tokens)
     cursor, logits_of = 0, {}
     for t, w in zip(sents, windows):
@@ -466,7 +465,6 @@ def main() -> None:
                "device": device, "seconds_per_measure": args.seconds, "models": {}}
     print(json.dumps(results["machine"]), flush=True)
     if args.check:
-        from check_packed import check_packed
         try:
             results["check"] = check_packed(args.checkpoint, texts, words, tags)
         except Exception as error:  # noqa: BLE001 - report it, still run the bench

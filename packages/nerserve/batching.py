@@ -5,7 +5,8 @@ little; a batch closes when one more sequence would push its cost past `max_num_
 batch x longest for a padded engine, the sum of lengths for a packed one), and, for a padded
 engine, when the next sequence is shorter than `min_fill` x the batch's longest: padding is paid in
 full (attention is quadratic in it), and on ONNX Runtime/CPU bounding it at 10% ran CoNLL
-sentences 3.5x faster than filling the budget (2.0k -> 7.0k tokens/s, minilm, 2 cores)."""
+sentences 3x faster than filling the budget (`bench/padding.py`: 2.4k -> 7.2k tokens/s, minilm,
+2 cores)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Cross-request dynamic batching: one thread owns the engine and feeds it token-budget batches.
 
 Requests submit their token sequences and get a Future. The worker takes every job waiting (up
-to the token budget, waiting at most `batch_wait_ms` for more: 0 by default, continuous batching), plans batches over the
-union of their sequences longest-first, runs them, and resolves each job when all of its
-sequences are done. A batch that raises fails only the jobs with a sequence in it; a job whose
+to the token budget, waiting at most `batch_wait_ms` for more: 0 by default, continuous
+batching), plans batches over the union of their sequences longest-first, runs them, and
+resolves each job when all of its sequences are done. A batch that raises fails only the jobs with a sequence in it; a job whose
 client went away is skipped. The queue is bounded in sequences: a full queue refuses the whole
 job at once (429), so nothing is ever half done."""
 
@@ -17,7 +17,6 @@ from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
-from .batching import plan_batches
 from .engines.base import Engine
 from .errors import Backend, Overloaded, Unhealthy
 
@@ -125,7 +124,7 @@ class Scheduler:
         owners = [(job, i) for job in jobs for i in range(len(job.sequences))]
         sequences = [job.sequences[i] for job, i in owners]
         lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        for batch in plan_batches(lengths, self.max_num_tokens, self.engine.padded, self.engine.min_fill):
+        for batch in self.engine.plan(lengths, self.max_num_tokens):
             members = [owners[i] for i in batch.tolist()]
             live = [(job, i) for job, i in members if not job.future.done()]
             if not live:

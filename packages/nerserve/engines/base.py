@@ -11,6 +11,8 @@ import abc
 
 import numpy as np
 
+from ..batching import plan_batches
+
 
 class Engine(abc.ABC):
     """A loaded model that turns token ids into label logits."""
@@ -22,7 +24,12 @@ class Engine(abc.ABC):
     #: True when a batch costs batch_size x longest tokens (padding), False when it costs the sum
     padded: bool = True
     #: padded engines: every sequence of a batch is at least this fraction of the batch's longest
+    #: (0.75 is unmeasured for TensorRT and padded torch; ONNX Runtime's 0.9 is bench/padding.py's)
     min_fill: float = 0.75
+
+    def plan(self, lengths: np.ndarray, max_num_tokens: int) -> list[np.ndarray]:
+        """Token-budget batches (indices into `lengths`) priced by this engine's cost model."""
+        return plan_batches(lengths, max_num_tokens, self.padded, self.min_fill)
 
     @abc.abstractmethod
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
