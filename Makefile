@@ -12,7 +12,7 @@ MAX_NUM_TOKENS ?= 16384
 export CHECKPOINT REVISION ENGINE ENGINE_DIR PRECISION PORT WINDOW_STRIDE MAX_TEXTS API_KEY
 export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
-.PHONY: install serve test stress bench build-engine clean
+.PHONY: install lint format serve test stress bench build-engine clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,18 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m nerserve.server
 
-test: $(STAMP)
+# ruff (lint and format check) and mypy, with their settings in pyproject.toml; `make test` runs it first.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Apply the formatter and ruff's safe fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 stress: $(STAMP)

@@ -19,7 +19,7 @@ def run_batched(engine, seqs, max_num_tokens=16384):
     out = [None] * len(seqs)
     lengths = np.array([len(s) for s in seqs])
     for batch in engine.plan(lengths, max_num_tokens):
-        for i, x in zip(batch.tolist(), engine.run([seqs[i] for i in batch.tolist()])):
+        for i, x in zip(batch.tolist(), engine.run([seqs[i] for i in batch.tolist()]), strict=True):
             out[i] = x
     return out
 
@@ -30,13 +30,12 @@ def _entities(items):
 
 def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
     import torch
+    from run import paragraphs
 
     from nerserve.aggregation import Aggregator
     from nerserve.checkpoint import load_checkpoint
     from nerserve.engines.torch_engine import TorchEngine
     from nerserve.tokenization import TextTokenizer
-
-    from run import paragraphs
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -68,10 +67,10 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
                           f"{' graphs' if getattr(engine, '_graphs', None) else ''}",
                  "token_label_agreement": float((labels == ref_labels).mean()),
                  "tokens_differing": int((labels != ref_labels).sum()),
-                 "max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(out, ref)))}
+                 "max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(out, ref, strict=True)))}
         for strategy in ("simple", "max"):
             differ, cursor = 0, 0
-            for text, w in zip(all_texts, windows):
+            for text, w in zip(all_texts, windows, strict=True):
                 a = agg.grouped([text], [w], out[cursor: cursor + len(w)], strategy)[0]
                 b = agg.grouped([text], [w], ref[cursor: cursor + len(w)], strategy)[0]
                 cursor += len(w)
@@ -80,7 +79,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         report[name] = entry
     if "packed_eager" in outputs:
         report["graph_vs_eager_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in
-                                                          zip(outputs["packed"], outputs["packed_eager"])))
+                                                          zip(outputs["packed"], outputs["packed_eager"], strict=True)))
     for engine in engines.values():
         engine.close()
     if cuda:  # the oracle itself, float32 on the GPU, vs our packed fp16 answers
@@ -91,7 +90,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         theirs = pipe(subset, batch_size=64)
         differ, cursor = 0, 0
         out = outputs["packed"]
-        for text, w, t in zip(subset, sent_windows, theirs):
+        for text, w, t in zip(subset, sent_windows, theirs, strict=True):
             ours = agg.grouped([text], [w], out[cursor: cursor + len(w)], "simple")[0]
             cursor += len(w)
             differ += _entities(ours) != [(e["entity_group"], e["start"], e["end"]) for e in t]

@@ -17,16 +17,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from run import DEFAULT_CONLL, DEFAULT_MODEL, _pipeline_throughput, bench_engine, build_bert_base, \
-    conll_sentences, paragraphs, requests_of
+from run import (
+    DEFAULT_CONLL,
+    DEFAULT_MODEL,
+    _pipeline_throughput,
+    bench_engine,
+    build_bert_base,
+    conll_sentences,
+    paragraphs,
+    requests_of,
+)
 
 
 def requests_throughput(engine, requests: list[list[np.ndarray]], seconds: float, max_num_tokens: int) -> float:
     """Tokens/s of the engine answering `requests` in turn, each planned into batches on its own."""
     tokens, start, k = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        request = requests[k % len(requests)]; k += 1
+        request = requests[k % len(requests)]
+        k += 1
         lengths = np.array([len(s) for s in request])
         for batch in engine.plan(lengths, max_num_tokens):
             engine.run([request[i] for i in batch.tolist()])
@@ -54,7 +62,7 @@ def main() -> None:
     sentence_ids = [x.ids for w in tok.encode(sents, False) for x in w]
     paras = paragraphs(sents, np.array([len(s) for s in sentence_ids]))
     paragraph_windows = tok.encode(paras, False)
-    ntok = {p: sum(len(x.ids) for x in w) for p, w in zip(paras, paragraph_windows)}
+    ntok = {p: sum(len(x.ids) for x in w) for p, w in zip(paras, paragraph_windows, strict=True)}
     paragraph_ids = [x.ids for w in paragraph_windows for x in w]
     requests = requests_of(paragraph_ids, 8)
     own = engine.min_fill

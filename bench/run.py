@@ -13,7 +13,8 @@ random weights built on the spot), on the machine this runs on:
   in-flight requests), requests of 64 sentences or 8 paragraphs (200-400 tokens, joined sentences);
   single-sentence latency from sequential one-sentence requests (client-side round trip).
 Tokens are model tokens with [CLS]/[SEP]. Ratios are to the pipeline's b64 tokens/s (b1 for latency).
-Prints a table; writes JSON to bench/results/<date>-<machine>.json (or --out).
+Prints a table
+writes JSON to bench/results/<date>-<machine>.json (or --out).
 
 `--check` (GPU) first proves the packed half-precision engine against float32 on CoNLL dev."""
 
@@ -39,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "bench")]
 from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
+
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -53,28 +55,35 @@ DEFAULT_CONLL = SHARED / "data" / "conll2003" / "eng.testa"
 def conll_sentences(path: Path) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """Dev sentences as text (words joined by spaces), with their words and gold tags."""
     texts, words, tags, cur_w, cur_t = [], [], [], [], []
-    for line in open(path, encoding="utf-8"):
+    for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
             if cur_w:
-                texts.append(" ".join(cur_w)); words.append(cur_w); tags.append(cur_t)
+                texts.append(" ".join(cur_w))
+                words.append(cur_w)
+                tags.append(cur_t)
             cur_w, cur_t = [], []
             continue
-        cur_w.append(parts[0]); cur_t.append(parts[-1])
+        cur_w.append(parts[0])
+        cur_t.append(parts[-1])
     if cur_w:
-        texts.append(" ".join(cur_w)); words.append(cur_w); tags.append(cur_t)
+        texts.append(" ".join(cur_w))
+        words.append(cur_w)
+        tags.append(cur_t)
     return texts, words, tags
 
 
 def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int = 400) -> list[str]:
     """Consecutive sentences joined until 200-400 model tokens."""
     out, cur, n = [], [], 0
-    for text, c in zip(texts, counts):
+    for text, c in zip(texts, counts, strict=True):
         if n + c > high and n >= low:
-            out.append(" ".join(cur)); cur, n = [], 0
+            out.append(" ".join(cur))
+            cur, n = [], 0
         if c > high:
             continue
-        cur.append(text); n += int(c) - (2 if cur[:-1] else 0)
+        cur.append(text)
+        n += int(c) - (2 if cur[:-1] else 0)
     return out
 
 
@@ -87,9 +96,10 @@ def requests_of(items: list, per: int) -> list[list]:
 def machine_name() -> dict:
     cpu = platform.processor() or ""
     try:
-        for line in open("/proc/cpuinfo"):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip(); break
+                cpu = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
@@ -149,7 +159,8 @@ def _pipeline_throughput(pipe, chunks: list[list[str]], batch_size: int, ntok: d
     for k in range(10 ** 6):
         chunk = chunks[k % len(chunks)]
         pipe(chunk, batch_size=batch_size)
-        texts += len(chunk); tokens += sum(ntok[s] for s in chunk)
+        texts += len(chunk)
+        tokens += sum(ntok[s] for s in chunk)
         if time.perf_counter() - start >= seconds:
             break
     el = time.perf_counter() - start
@@ -161,8 +172,9 @@ def bench_pipeline(path: Path, sents: list[str], paras: list[str], ntok: dict, s
 
     pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple",
                     device=0 if device == "cuda" else -1)
-    pipe(sents[:8]); pipe(sents[0])
-    n, el, lat = timed_loop(lambda s: pipe(s), sents, seconds)
+    pipe(sents[:8])
+    pipe(sents[0])
+    n, el, lat = timed_loop(pipe, sents, seconds)
     b1 = {"texts_s": n / el, "tokens_s": sum(ntok[s] for s in (sents * (n // len(sents) + 1))[:n]) / el,
           "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
     b64 = _pipeline_throughput(pipe, [sents[i:i + 256] for i in range(0, len(sents), 256)], 64, ntok, seconds)
@@ -182,7 +194,8 @@ def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens:
     for k in range(10 ** 7):
         b = batches[k % len(batches)]
         engine.run(b)
-        tokens += sum(len(s) for s in b); texts += len(b)
+        tokens += sum(len(s) for s in b)
+        texts += len(b)
         if time.perf_counter() - start >= seconds and k >= len(batches) - 1:
             break
     el = time.perf_counter() - start
@@ -206,7 +219,8 @@ def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> di
     tokens = texts = 0
     start = time.perf_counter()
     for k in range(10 ** 7):
-        tokens += step(chunks[k % len(chunks)]); texts += len(chunks[k % len(chunks)])
+        tokens += step(chunks[k % len(chunks)])
+        texts += len(chunks[k % len(chunks)])
         if time.perf_counter() - start >= seconds:
             break
     el = time.perf_counter() - start
@@ -230,7 +244,8 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
                     r = await client.post("/predict_tokens", content=body, headers={"content-type": "application/json"})
                     stats["lat"].append(time.perf_counter() - t0)
                     if r.status_code == 200:
-                        stats["texts"] += texts; stats["tokens"] += tokens
+                        stats["texts"] += texts
+                        stats["tokens"] += tokens
                     else:
                         stats["errors"] += 1
             await asyncio.gather(*(worker(k) for k in range(inflight)))
@@ -280,14 +295,15 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
     env = dict(os.environ, CHECKPOINT=str(path), PORT=str(port), ENGINE=engine, LOG_LEVEL="WARNING",
                NERSERVE_CONFIG=str(ROOT / "config.yaml"), ENGINE_DIR=str(engine_dir or ""),
                PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    log_file = tempfile.NamedTemporaryFile(prefix="nerbench-server-", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=log_file)
+    log_path = Path(tempfile.mkstemp(prefix="nerbench-server-", suffix=".log")[1])
+    with open(log_path, "w") as log_file:  # the server keeps its own copy of the descriptor
+        server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=log_file)
     try:
         deadline = time.time() + 900
         while True:
             if server.poll() is not None:
-                raise RuntimeError("server exited: " + Path(log_file.name).read_text()[-2000:])
+                raise RuntimeError("server exited: " + log_path.read_text()[-2000:])
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
@@ -345,11 +361,11 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
                                   engine_dir=str(engine_dir) if engine_dir else None))
     tok = service.tokenizer
     windows = tok.encode(sents, False)
-    ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows)}
+    ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows, strict=True)}
     counts = np.array([ntok[t] for t in sents])
     paras = paragraphs(sents, counts)
     pw = tok.encode(paras, False)
-    ntok.update({t: sum(len(x.ids) for x in w) for t, w in zip(paras, pw)})
+    ntok.update({t: sum(len(x.ids) for x in w) for t, w in zip(paras, pw, strict=True)})
     seqs = [x.ids for w in windows for x in w]
     res = {"checkpoint": str(path), "engine": service.engine.name, "precision": service.engine.precision,
            "packed": not service.engine.padded, "sentences": len(sents), "mean_sentence_tokens": float(counts.mean()),
@@ -362,8 +378,9 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
     logits = run_batched(service.engine, seqs, args.max_num_tokens)
     cursor, logits_of = 0, {}
-    for t, w in zip(sents, windows):
-        logits_of[t] = logits[cursor: cursor + len(w)]; cursor += len(w)
+    for t, w in zip(sents, windows, strict=True):
+        logits_of[t] = logits[cursor: cursor + len(w)]
+        cursor += len(w)
     res["host"] = bench_host(service, sents, logits_of, args.seconds)
     print(f"[{label}] host path: {res['host']}", flush=True)
     service.close()
@@ -388,13 +405,13 @@ def table(results: dict) -> str:
     m = results["machine"]
     head = f"machine: {m.get('gpu') or 'no GPU'} | CPU {m['cpu']} x{m['cores']} | torch {m['torch']} | " \
            f"transformers {m['transformers']} | {results['date']}"
-    lines = [head, "| model | path | tokens/s | texts/s | x pipeline b64 | single p50 ms | single p99 ms | x pipeline b1 p50 |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [head, "| model | path | tokens/s | texts/s | x pipeline b64 | single p50 ms | single p99 ms "
+             "| x pipeline b1 p50 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, r in results["models"].items():
         base = r["pipeline_b64"]["tokens_s"]
         p1 = r["pipeline_b1"]["p50_ms"]
 
-        def row(name, d, single=None):
+        def row(name, d, single=None, label=label, base=base, p1=p1):
             single = single or {}
             lat, p99 = single.get("p50_ms"), single.get("p99_ms")
             lines.append(f"| {label} | {name} | {d['tokens_s']:,.0f} | {d['texts_s']:,.1f} | "

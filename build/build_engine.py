@@ -61,13 +61,14 @@ def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
     An entity starts at B-X, or at I-X after O or after another type: that reads IOB1 (the CoNLL
     gold, where B- only separates two adjacent entities of one type) and IOB2 (what the model emits)
     alike, so both sides are compared as entities, never tag by tag."""
-    spans, start, kind = set(), None, None
+    spans: set[tuple[int, int, str]] = set()
+    start, kind = None, ""
     for index, tag in enumerate(tags + ["O"]):
         prefix, _, label = tag.partition("-")
         begins = prefix == "B" or (prefix == "I" and label != kind)
         if start is not None and (prefix == "O" or begins):
             spans.add((start, index, kind))
-            start, kind = None, None
+            start, kind = None, ""
         if begins:
             start, kind = index, label
     return spans
@@ -83,7 +84,7 @@ def predict_word_tags(engine, checkpoint: Checkpoint, sentences: list[list[str]]
     for begin in range(0, len(order), batch_size):
         chunk = order[begin: begin + batch_size]
         logits = engine.run([np.asarray(encoded["input_ids"][i], dtype=np.int64) for i in chunk])
-        for i, sentence_logits in zip(chunk, logits):
+        for i, sentence_logits in zip(chunk, logits, strict=True):
             tags = ["O"] * len(sentences[i])
             seen: set[int] = set()
             for position, word in enumerate(encoded.word_ids(i)):
@@ -97,7 +98,7 @@ def predict_word_tags(engine, checkpoint: Checkpoint, sentences: list[list[str]]
 def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
     """Micro entity F1 over all sentences: exact (start, end, type) matches."""
     hits = found = wanted = 0
-    for gold_tags, predicted_tags in zip(gold, predicted):
+    for gold_tags, predicted_tags in zip(gold, predicted, strict=True):
         want, got = entity_spans(gold_tags), entity_spans(predicted_tags)
         hits += len(want & got)
         found += len(got)
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{checkpoint.max_input_tokens}: one full-length text would not fit a batch")
     platform = manifest_lib.current_platform()
     args.precision = args.precision or ("fp16" if platform.has_gpu else "fp32")
-    capability = tuple(map(int, platform.compute_capability.split("."))) if platform.has_gpu else None
+    capability = tuple(map(int, platform.compute_capability.split("."))) if platform.compute_capability else None
     if args.precision == "bf16" and capability is not None and capability < (8, 0):
         sys.exit(f"--precision bf16 needs compute capability 8.0 or newer; {platform.gpu_name} "
                  f"has {platform.compute_capability}")

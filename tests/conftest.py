@@ -91,9 +91,10 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'packages'}", "PORT": str(self.port),
                     "NERSERVE_CONFIG": str(ROOT / "config.yaml"), **env}
-        self.log = open(Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log", "w+")
-        self.process = subprocess.Popen([sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+        self.log_path = Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log"
+        with open(self.log_path, "w") as log:  # the server keeps its own copy of the descriptor
+            self.process = subprocess.Popen([sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env,
+                                            stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -109,17 +110,11 @@ class ServerProcess:
         raise TimeoutError(f"server not ready in {timeout}s: {self.output()}")
 
     def output(self) -> str:
-        if self.log.closed:
-            return self.final_output
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-4000:]
+        return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self) -> bool:
         """SIGTERM, as an orchestrator stops it; True when it shut down gracefully (uvicorn re-raises the
         signal after its graceful shutdown, so the exit status is -SIGTERM)."""
         self.process.terminate()
         code = self.process.wait(timeout=60)
-        self.final_output = self.output()
-        self.log.close()
-        return code in (0, -signal.SIGTERM) and "shutdown complete" in self.final_output
+        return code in (0, -signal.SIGTERM) and "shutdown complete" in self.output()

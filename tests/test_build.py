@@ -22,8 +22,8 @@ import corpus
 from nerserve import manifest as manifest_lib
 from nerserve import onnx_export
 from nerserve.checkpoint import Checkpoint, load_checkpoint
-from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines import tensorrt_engine
+from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_served_onnx_answers_as_the_checkpoint(cli_builds, build_checkpoints, ki
     sequences = _sequences(checkpoint)
     got = OnnxRuntimeEngine(path, pad).run(sequences)
     want = TorchEngine(checkpoint, device="cpu", precision="fp32").run(sequences)
-    for served, reference in zip(got, want):
+    for served, reference in zip(got, want, strict=True):
         np.testing.assert_allclose(served, reference, atol=1e-4)
 
 
@@ -224,7 +224,7 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
 def test_profile_ladder_covers_every_shape_in_budget(max_num_tokens, max_len):
     ladder = profile_ladder(max_num_tokens, max_len)
     for minimum, opt, maximum in ladder:
-        assert all(lo <= mid <= hi for lo, mid, hi in zip(minimum, opt, maximum))
+        assert all(lo <= mid <= hi for lo, mid, hi in zip(minimum, opt, maximum, strict=True))
         assert maximum[1] <= max_len and maximum[0] * maximum[1] <= 2 * max_num_tokens  # memory stays bounded
     for sequence in range(1, max_len + 1):
         for batch in range(1, max_num_tokens // sequence + 1):
@@ -275,9 +275,9 @@ def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp
             got += engine.run(sequences[begin: begin + 2])
             want += reference.run(sequences[begin: begin + 2])
         tokens = sum(len(s) for s in sequences)
-        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want))
+        agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want, strict=True))
         assert agree / tokens >= 0.99
-        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) < onnx_export.TOLERANCES["fp16"][0]
+        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True)) < onnx_export.TOLERANCES["fp16"][0]
         assert onnx_export.check_engine_against_torch(checkpoint, engine, shapes=((4, 200), (1, 0))).within("fp16")
     finally:
         engine.close()
@@ -300,7 +300,7 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
         for text_got, text_want in zip(got, want, strict=True):
             assert [(g["start"], g["end"], list(g["results"])) for g in text_got] == \
                    [(w["start"], w["end"], list(w["results"])) for w in text_want]
-            for g, w in zip(text_got, text_want):
+            for g, w in zip(text_got, text_want, strict=True):
                 assert abs(next(iter(g["results"].values())) - next(iter(w["results"].values()))) < 1e-4
     from_dir.close()
     direct.close()

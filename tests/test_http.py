@@ -8,10 +8,10 @@ import json
 
 import httpx
 import pytest
+from test_parity import compare, oracle
 
 import corpus
 from conftest import ServerProcess, real_checkpoint
-from test_parity import compare, oracle
 
 SEED = {"inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
         "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}
@@ -29,7 +29,7 @@ def server(built):
             first = httpx.get(process.url + "/health", timeout=5)
         except httpx.HTTPError:
             if process.process.poll() is not None:
-                raise RuntimeError(process.output())
+                raise RuntimeError(process.output()) from None
     process.first_health = first
     process.wait_ready()
     yield process

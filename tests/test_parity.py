@@ -25,12 +25,12 @@ GROUPED = ("simple", "first", "average", "max")
 TOLERANCE = {"torch": 1e-4, "onnxruntime": 1e-3}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def service(path: str, engine: str) -> NerService:
     return NerService(Settings(checkpoint=path, engine=engine))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def oracle(path: str, strategy: str, truncation_side: str = "right", stride: int | None = None,
            texts: tuple[str, ...] = tuple(TEXTS)) -> list[list[dict]]:
     """The pipeline's answers (cached: several engines compare against the same ones)."""
@@ -55,7 +55,7 @@ def compare(want: list[list[dict]], got: list[list[dict]], texts: list[str], tol
         expected_spans = [(e["start"], e["end"], e[label]) for e in expected]
         answered_spans = [(a["start"], a["end"], next(iter(a["results"]))) for a in answered]
         assert answered_spans == expected_spans, f"text {text[:60]!r}"
-        for e, a in zip(expected, answered):
+        for e, a in zip(expected, answered, strict=True):
             assert a["token"] == text[a["start"]:a["end"]]
             worst = max(worst, abs(float(e["score"]) - next(iter(a["results"].values()))))
         items += len(expected)
@@ -87,7 +87,7 @@ def test_none_equals_pipeline_plus_special_tokens(built, kind: str, engine: str)
     path = str(built(kind))
     got = ours(path, engine, TEXTS, aggregation_strategy="none", truncate=True)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    for text, answer in zip(TEXTS, got):
+    for text, answer in zip(TEXTS, got, strict=True):
         expected_ids = tokenizer(text, truncation=True)["input_ids"]
         assert [t["token_id"] for t in answer] == expected_ids
         assert answer[0]["token"] == tokenizer.convert_ids_to_tokens(expected_ids[0])  # [CLS] / <s>
@@ -102,12 +102,12 @@ def test_raw_scores_are_the_models_logits(built) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForTokenClassification.from_pretrained(path).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    for text, answer in zip(texts, got):
+    for text, answer in zip(texts, got, strict=True):
         logits = model(**tokenizer(text, truncation=True, return_tensors="pt")).logits[0].detach().numpy()
-        for row, item in zip(logits, answer):
+        for row, item in zip(logits, answer, strict=True):
             top = int(row.argmax())
-            assert list(item["results"]) == [labels[top]] + [l for i, l in enumerate(labels) if i != top]
-            assert np.allclose([item["results"][l] for l in labels], row, atol=1e-4)
+            assert list(item["results"]) == [labels[top]] + [name for i, name in enumerate(labels) if i != top]
+            assert np.allclose([item["results"][name] for name in labels], row, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["wordpiece-uncased", "bpe"])

@@ -220,7 +220,8 @@ def test_sigterm_under_load_loses_no_accepted_request(built) -> None:
                 continue
             complete = response.status_code == 200 and len(response.json()) == len(texts)
             results.append("complete" if complete else response.status_code)
-            if response.status_code != 200:  # 503 while draining: a balancer stops routing here, and so does this client
+            # 503 while draining: a balancer stops routing here, and so does this client
+            if response.status_code != 200:
                 return
 
     threads = [threading.Thread(target=client) for _ in range(8)]

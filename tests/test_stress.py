@@ -47,10 +47,10 @@ def same_answer(got: list, want: list, tolerance: float = 1e-4) -> bool:
     """Equal tokens, spans and labels; scores equal up to float noise (batch padding differs under load)."""
     if len(got) != len(want):
         return False
-    for text_got, text_want in zip(got, want):
+    for text_got, text_want in zip(got, want, strict=True):
         if len(text_got) != len(text_want):
             return False
-        for a, b in zip(text_got, text_want):
+        for a, b in zip(text_got, text_want, strict=True):
             if {k: v for k, v in a.items() if k != "results"} != {k: v for k, v in b.items() if k != "results"}:
                 return False
             if list(a["results"]) != list(b["results"]) or any(

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import truss
 import yaml
 from packaging.requirements import Requirement
-
-import truss
 from truss.base.truss_config import TrussConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +154,8 @@ def app(tmp_path) -> Path:
         f"open({str(tmp_path / 'builds.log')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
         "(pathlib.Path(a.out) / 'manifest.json').write_text('{}')\n")
     python = tmp_path / "python"
-    python.write_text('#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then echo "ENGINE_DIR=${ENGINE_DIR:-}"; exit 0; fi\n'
+    python.write_text('#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then\n'
+                      '  echo "ENGINE_DIR=${ENGINE_DIR:-}"; exit 0\nfi\n'
                       f'exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     return app

@@ -37,7 +37,7 @@ class LabelScheme:
     ignored: np.ndarray  # bool: group name is ignored
 
     @classmethod
-    def from_labels(cls, labels: tuple[str, ...]) -> "LabelScheme":
+    def from_labels(cls, labels: tuple[str, ...]) -> LabelScheme:
         tag_names = [label[2:] if label[:2] in ("B-", "I-") else label for label in labels]
         tag_index = {name: i for i, name in enumerate(dict.fromkeys(tag_names))}
         groups = tuple(label.split("-", 1)[-1] for label in labels)
@@ -70,7 +70,7 @@ class TokenTable:
     text_of_window: np.ndarray  # int64 [windows]
 
     @classmethod
-    def of(cls, windows: list[list[Window]], logits: list[np.ndarray]) -> "TokenTable":
+    def of(cls, windows: list[list[Window]], logits: list[np.ndarray]) -> TokenTable:
         flat = [w for text_windows in windows for w in text_windows]
         offsets = np.concatenate([w.offsets for w in flat])
         lengths = np.fromiter((len(w.ids) for w in flat), dtype=np.int64, count=len(flat))
@@ -138,7 +138,7 @@ class Aggregator:
         items = [
             {"token": texts[t][s:e], "token_id": 0, "start": s, "end": e, "results": {names[g]: v}}
             for t, s, e, g, v in zip(entity_text.tolist(), entity_starts.tolist(), entity_ends.tolist(),
-                                     entity_labels.tolist(), entity_scores.tolist())
+                                     entity_labels.tolist(), entity_scores.tolist(), strict=True)
         ]
         bounds = np.searchsorted(entity_text, np.arange(len(texts) + 1)).tolist()
         out = [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
@@ -176,16 +176,16 @@ class Aggregator:
         vocab, labels = self.tokenizer.vocab, self.scheme.labels
         names = [vocab[i] if special else texts[t][a:b] for t, i, special, a, b in zip(
             text_of_token.tolist(), table.ids.tolist(), table.special.tolist(), table.starts.tolist(),
-            table.ends.tolist())]
+            table.ends.tolist(), strict=True)]
         if raw_scores:
-            results: list[Any] = [_raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist())]
+            results: list[Any] = [_raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist(), strict=True)]
         else:
             best = softmax(table.values)[np.arange(len(top)), top].tolist()
-            results = [{labels[t]: p} for t, p in zip(top.tolist(), best)]
+            results = [{labels[t]: p} for t, p in zip(top.tolist(), best, strict=True)]
         items = [
             {"token": name, "token_id": i, "start": a, "end": b, "results": r}
             for name, i, a, b, r in zip(names, table.ids.tolist(), table.starts.tolist(), table.ends.tolist(),
-                                        results)
+                                        results, strict=True)
         ]
         bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
         return [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
@@ -194,7 +194,7 @@ class Aggregator:
         """The table with each over-long text's windows replaced by its stitched sequence (one window)."""
         pieces, cursor, row = [], 0, 0
         rows_per_window = np.bincount(table.window, minlength=len(table.text_of_window))
-        for t, text_windows in enumerate(windows):
+        for text_windows in windows:
             count = len(text_windows)
             size = int(rows_per_window[cursor:cursor + count].sum())
             if count == 1:
@@ -238,7 +238,7 @@ def _word_labels(probs: np.ndarray, first: np.ndarray, strategy: str) -> tuple[n
 def _raw(labels: tuple[str, ...], top: int, row: list[float]) -> dict[str, float]:
     """All logits, the top label first, then the others in id2label order."""
     out = {labels[top]: row[top]}
-    out.update((label, value) for i, (label, value) in enumerate(zip(labels, row)) if i != top)
+    out.update((label, value) for i, (label, value) in enumerate(zip(labels, row, strict=True)) if i != top)
     return out
 
 
@@ -273,7 +273,7 @@ def _stitch(windows: list[Window], logits: list[np.ndarray], stride: int):
     bases = np.cumsum([0] + [len(w.ids) for w in windows[:-1]])
     candidates = []  # rows: global position, -distance to an edge, flat index into the concatenation
     global_start = 0
-    for base, window in zip(bases.tolist(), windows):
+    for base, window in zip(bases.tolist(), windows, strict=True):
         content = np.flatnonzero(~window.special)
         local = np.arange(len(content))
         distance = np.minimum(local, len(content) - 1 - local)

@@ -80,7 +80,7 @@ def load_checkpoint(name: str, revision: str | None = None, token: str | None = 
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as error:  # a slow-only tokenizer that cannot be converted lands here
         raise ValueError(f"checkpoint {name!r}: cannot load a fast tokenizer ({error})") from error
-    if not getattr(tokenizer, "is_fast", False):
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(
             f"checkpoint {name!r} has only a slow (Python) tokenizer; the server needs a fast tokenizer "
             "(tokenizer.json) for character offsets. Convert it with "

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 DEFAULT_CHECKPOINT = "dslim/bert-base-NER-uncased"
 
@@ -32,7 +33,7 @@ class Settings:
     hf_token: str | None = None
 
     @classmethod
-    def load(cls, metadata: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+    def load(cls, metadata: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
         """Merge `model_metadata` with environment variables (upper-case names win)."""
         metadata = dict(metadata or {})
         environ = os.environ if environ is None else environ

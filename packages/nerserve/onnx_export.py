@@ -109,7 +109,7 @@ def export_onnx(checkpoint: Checkpoint, out_dir: Path, precision: str = "fp32", 
             self.model = model
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.model(**dict(zip(names, inputs))).logits.float()
+            return self.model(**dict(zip(names, inputs, strict=True))).logits.float()
 
     wrapper = LogitsOnly().eval()
     example = torch.randint(5, 100, (2, 16), dtype=torch.int64)
@@ -124,6 +124,8 @@ def export_onnx(checkpoint: Checkpoint, out_dir: Path, precision: str = "fp32", 
             # one entry per forward() parameter: the single *inputs tuple, one spec per tensor in it
             dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),), verbose=False,
         )
+    if program is None:
+        raise RuntimeError(f"torch.onnx.export returned no program for {checkpoint.name}")
     program.save(str(path), external_data=False)
     return path
 
@@ -225,7 +227,7 @@ def check_engine_against_torch(checkpoint: Checkpoint, engine, seed: int = 0,
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         ids, lengths = feeds["input_ids"], feeds["attention_mask"].sum(axis=1)
-        outputs = engine.run([row[:n] for row, n in zip(ids, lengths)])
+        outputs = engine.run([row[:n] for row, n in zip(ids, lengths, strict=True)])
         padded = np.zeros(ids.shape + (len(checkpoint.labels),), dtype=np.float32)
         for row, logits in enumerate(outputs):
             padded[row, : len(logits)] = logits

@@ -3,9 +3,9 @@
 Requests submit their token sequences and get a Future. The worker takes every job waiting (up
 to the token budget, waiting at most `batch_wait_ms` for more: 0 by default, continuous
 batching), plans batches over the union of their sequences longest-first, runs them, and
-resolves each job when all of its sequences are done. A batch that raises fails only the jobs with a sequence in it; a job whose
-client went away is skipped. The queue is bounded in sequences: a full queue refuses the whole
-job at once (429), so nothing is ever half done."""
+resolves each job when all of its sequences are done. A batch that raises fails only the jobs with a
+sequence in it; a job whose client went away is skipped. The queue is bounded in sequences: a full
+queue refuses the whole job at once (429), so nothing is ever half done."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ class Scheduler:
             real = int(lengths[batch].sum())
             padded = len(live) * int(lengths[batch].max()) if self.engine.padded else real
             self._observe_batch(len(live), real, padded, seconds)
-            for (job, i), out in zip(live, logits):
+            for (job, i), out in zip(live, logits, strict=True):
                 job.results[i] = out
                 job.remaining -= 1
                 if job.remaining == 0:

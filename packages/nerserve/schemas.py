@@ -5,7 +5,7 @@ field, not a silent coercion."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
@@ -28,7 +28,7 @@ class PredictRequest(BaseModel):
         "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
         "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}]})
 
-    inputs: Union[StrictStr, list[Union[StrictStr, list[StrictStr]]]] = Field(
+    inputs: StrictStr | list[StrictStr | list[StrictStr]] = Field(
         description="Texts: one string, a list of strings, or a list of lists of strings (flattened in order).")
     aggregation_strategy: Annotated[Strategy, BeforeValidator(_lower)] = Field(
         "none", description="none: one item per token; simple/first/average/max: one item per entity.")

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .config import Settings
-from .errors import ApiError, BadRequest, Backend, PayloadTooLarge, Timeout, Unauthorized, Unhealthy
+from .errors import ApiError, Backend, BadRequest, PayloadTooLarge, Timeout, Unauthorized, Unhealthy
 from .metrics import Metrics
 from .schemas import PredictRequest, TokenResult, parse_request
 
@@ -39,6 +39,8 @@ INLINE_TEXTS, INLINE_CHARS = 4, 2000  # requests this small skip the worker-thre
 def load_model_class(root: Path):
     """The Truss Model class from `<root>/model/model.py`, imported by path as Truss does."""
     spec = importlib.util.spec_from_file_location("truss_model", root / "model" / "model.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {root / 'model' / 'model.py'}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.Model
@@ -282,32 +284,30 @@ def main() -> None:
     config = read_config(config_path)
     settings = Settings.load(config.get("model_metadata"))
     app = create_app(config, config_path.parent, secrets=_mounted_secrets())
-    server = DrainingServer(uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=settings.port,
+    server = draining_server(uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=settings.port,
                                            log_level="warning", access_log=False, timeout_graceful_shutdown=30),
                             on_drain=app.state.begin_drain, grace_s=settings.shutdown_grace_s)
     server.run()
 
 
-class DrainingServer:
+def draining_server(config, on_drain, grace_s: float):
     """uvicorn's Server with a drain phase: the first SIGTERM/SIGINT flips /health and new requests to 503
     (load balancers stop routing, clients get an answer instead of a reset), keeps the port open for
     `grace_s` while accepted requests finish, then shuts down as uvicorn does; a second signal is at once."""
+    import uvicorn
 
-    def __new__(cls, config, on_drain, grace_s: float):
-        import uvicorn
+    class _Server(uvicorn.Server):
+        draining = False
 
-        class _Server(uvicorn.Server):
-            draining = False
+        def handle_exit(self, sig, frame) -> None:
+            if self.draining or grace_s <= 0:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            on_drain()
+            log.info("draining for %.1fs before shutdown", grace_s)
+            threading.Timer(grace_s, super().handle_exit, (sig, frame)).start()
 
-            def handle_exit(self, sig, frame) -> None:
-                if self.draining or grace_s <= 0:
-                    return super().handle_exit(sig, frame)
-                self.draining = True
-                on_drain()
-                log.info("draining for %.1fs before shutdown", grace_s)
-                threading.Timer(grace_s, super().handle_exit, (sig, frame)).start()
-
-        return _Server(config)
+    return _Server(config)
 
 
 if __name__ == "__main__":

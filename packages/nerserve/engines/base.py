@@ -35,8 +35,9 @@ class Engine(abc.ABC):
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits (float32, shape [len(seq), num_labels]) for each int64 id sequence, in order."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        """Release device memory and sessions; the default has nothing to release."""
+        """Release device memory and sessions."""
 
 
 def pad_batch(sequences: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,3 +34,7 @@ class OnnxRuntimeEngine(Engine):
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         logits = self._session.run(["logits"], {name: feeds[name] for name in self._inputs})[0]
         return unpad(logits, sequences)
+
+    def close(self) -> None:
+        """Drop the session: ONNX Runtime frees its weights and arena with it."""
+        del self._session

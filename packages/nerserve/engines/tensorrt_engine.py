@@ -103,6 +103,12 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: list[Profile], worksp
     return path
 
 
+def _shape(dims) -> tuple[int, int]:
+    """A (batch, sequence) shape from TensorRT's Dims."""
+    batch, sequence = (int(d) for d in dims)
+    return batch, sequence
+
+
 def _torch_dtype(trt_dtype):
     """The torch dtype with the same layout as a TensorRT I/O tensor type."""
     import tensorrt as trt
@@ -146,10 +152,10 @@ class TensorRTEngine(Engine):
         if outputs != ["logits"] or "input_ids" not in self._inputs:
             raise ValueError(f"{plan_path}: expected inputs input_ids/attention_mask[/token_type_ids] and output "
                              f"logits, found inputs {self._inputs} and outputs {outputs}")
-        self._profiles: list[Profile] = [
-            tuple(tuple(int(d) for d in shape) for shape in engine.get_tensor_profile_shape("input_ids", i))
-            for i in range(engine.num_optimization_profiles)
-        ]
+        self._profiles: list[Profile] = []
+        for i in range(engine.num_optimization_profiles):
+            minimum, opt, maximum = (_shape(s) for s in engine.get_tensor_profile_shape("input_ids", i))
+            self._profiles.append((minimum, opt, maximum))
         self._labels = int(engine.get_tensor_shape("logits")[-1])
         capacity = max(maximum[0] * maximum[1] for _, _, maximum in self._profiles)
         self._stream = torch.cuda.Stream(self._device)

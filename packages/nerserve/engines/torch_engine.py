@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
@@ -212,6 +213,7 @@ class TorchEngine(Engine):
         dtype = getattr(torch, _DTYPES[self.precision])
         self._dtype = dtype
         model = load_torch_model(checkpoint)
+        self._model: Any = None  # the HF module, on the padded path only
         self._names = model_input_names(checkpoint)
         self._pad_id = checkpoint.tokenizer.pad_token_id or 0
         self._max_len = checkpoint.max_input_tokens
@@ -240,7 +242,7 @@ class TorchEngine(Engine):
             del model
             if graphs is None:
                 graphs = cuda and os.environ.get("NERSERVE_CUDA_GRAPHS", "1").lower() not in ("0", "false")
-            if graphs and cuda and self._encoder.varlen is not None:
+            if graphs and cuda and self._packed.varlen is not None:
                 try:
                     self._capture(max_graph_tokens or GRAPH_BUCKETS[-1])
                 except Exception as error:  # a torch whose varlen attention cannot be captured: run eagerly
@@ -256,6 +258,13 @@ class TorchEngine(Engine):
     @property
     def packed(self) -> bool:
         return self._encoder is not None
+
+    @property
+    def _packed(self) -> PackedEncoder:
+        """The packed encoder; only called on the packed path."""
+        if self._encoder is None:
+            raise RuntimeError("the torch engine is not on its packed path")
+        return self._encoder
 
     def _capture(self, max_tokens: int) -> None:
         """Graphs per token bucket, in two shapes: many short sequences (up to 128 tokens each), and
@@ -273,7 +282,7 @@ class TorchEngine(Engine):
                 shapes.append((bucket, bucket // 128 + bucket // long + 2, long))
         with torch.inference_mode():
             for bucket, slots, max_len in sorted(shapes, reverse=True):  # largest first: the rest reuse its pool
-                graph = _Graph(self._encoder, bucket, slots, max_len, self.device, pool)
+                graph = _Graph(self._packed, bucket, slots, max_len, self.device, pool)
                 pool = graph.pool()
                 self._graphs.append(graph)
         self._graphs.sort(key=lambda g: (g.bucket, g.slots, g.max_len))
@@ -301,8 +310,8 @@ class TorchEngine(Engine):
         return unpad(logits, sequences)
 
     def _run_packed(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        torch = self._torch
-        ids, positions, cu, longest = pack(sequences, self._encoder.position_offset)
+        torch, encoder = self._torch, self._packed
+        ids, positions, cu, longest = pack(sequences, encoder.position_offset)
         total = int(cu[-1])
         graph = self._pick_graph(total, len(sequences), longest)
         with torch.inference_mode():
@@ -310,10 +319,10 @@ class TorchEngine(Engine):
                 fill = graph.bucket - total
                 ids_full = np.full(graph.bucket, self._pad_id, dtype=np.int64)
                 ids_full[:total] = ids
-                pos_full = np.full(graph.bucket, self._encoder.position_offset, dtype=np.int64)
+                pos_full = np.full(graph.bucket, encoder.position_offset, dtype=np.int64)
                 pos_full[:total] = positions
                 if fill:  # the filler runs as sequences of at most max_len tokens, ignored after
-                    pos_full[total:] = np.arange(fill) % graph.max_len + self._encoder.position_offset
+                    pos_full[total:] = np.arange(fill) % graph.max_len + encoder.position_offset
                 cu_full = np.full(graph.slots + 1, graph.bucket, dtype=np.int32)
                 cu_full[: len(cu)] = cu
                 cuts = np.arange(total, graph.bucket, graph.max_len, dtype=np.int32)[1:]
@@ -331,9 +340,9 @@ class TorchEngine(Engine):
                 dev_pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
                 dev_cu = torch.from_numpy(cu).to(self.device, non_blocking=True)
                 lengths = None
-                if self._encoder.varlen is None:
+                if encoder.varlen is None:
                     lengths = torch.from_numpy(np.diff(cu).astype(np.int64)).to(self.device)
-                logits = self._encoder.forward(dev_ids, dev_pos, dev_cu, longest, lengths).cpu().numpy()
+                logits = encoder.forward(dev_ids, dev_pos, dev_cu, longest, lengths).cpu().numpy()
         return np.split(logits, cu[1:-1].astype(np.int64))
 
     def close(self) -> None:
