@@ -56,30 +56,38 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         engines["packed_eager"] = TorchEngine(ck, graphs=False)
         engines["padded_fp16"] = TorchEngine(ck, precision="fp16", packed=False)
     ref_labels = np.concatenate([x.argmax(-1) for x in ref])
-    report = {"checkpoint": str(path), "texts": len(all_texts), "sentences": len(texts), "paragraphs": len(paras),
-              "tokens": int(ref_labels.size)}
+    report = {
+        "checkpoint": str(path),
+        "texts": len(all_texts),
+        "sentences": len(texts),
+        "paragraphs": len(paras),
+        "tokens": int(ref_labels.size),
+    }
     outputs = {}
     for name, engine in engines.items():
         out = run_batched(engine, seqs)
         outputs[name] = out
         labels = np.concatenate([x.argmax(-1) for x in out])
-        entry = {"engine": f"{engine.precision} {'packed' if not engine.padded else 'padded'}"
-                          f"{' graphs' if getattr(engine, '_graphs', None) else ''}",
-                 "token_label_agreement": float((labels == ref_labels).mean()),
-                 "tokens_differing": int((labels != ref_labels).sum()),
-                 "max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(out, ref, strict=True)))}
+        entry = {
+            "engine": f"{engine.precision} {'packed' if not engine.padded else 'padded'}"
+            f"{' graphs' if getattr(engine, '_graphs', None) else ''}",
+            "token_label_agreement": float((labels == ref_labels).mean()),
+            "tokens_differing": int((labels != ref_labels).sum()),
+            "max_abs_logit_diff": float(max(np.abs(a - b).max() for a, b in zip(out, ref, strict=True))),
+        }
         for strategy in ("simple", "max"):
             differ, cursor = 0, 0
             for text, w in zip(all_texts, windows, strict=True):
-                a = agg.grouped([text], [w], out[cursor: cursor + len(w)], strategy)[0]
-                b = agg.grouped([text], [w], ref[cursor: cursor + len(w)], strategy)[0]
+                a = agg.grouped([text], [w], out[cursor : cursor + len(w)], strategy)[0]
+                b = agg.grouped([text], [w], ref[cursor : cursor + len(w)], strategy)[0]
                 cursor += len(w)
                 differ += _entities(a) != _entities(b)
             entry[f"texts_with_different_entities_{strategy}"] = differ
         report[name] = entry
     if "packed_eager" in outputs:
-        report["graph_vs_eager_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in
-                                                          zip(outputs["packed"], outputs["packed_eager"], strict=True)))
+        report["graph_vs_eager_max_abs_diff"] = float(
+            max(np.abs(a - b).max() for a, b in zip(outputs["packed"], outputs["packed_eager"], strict=True))
+        )
     for engine in engines.values():
         engine.close()
     if cuda:  # the oracle itself, float32 on the GPU, vs our packed fp16 answers
@@ -91,7 +99,7 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
         differ, cursor = 0, 0
         out = outputs["packed"]
         for text, w, t in zip(subset, sent_windows, theirs, strict=True):
-            ours = agg.grouped([text], [w], out[cursor: cursor + len(w)], "simple")[0]
+            ours = agg.grouped([text], [w], out[cursor : cursor + len(w)], "simple")[0]
             cursor += len(w)
             differ += _entities(ours) != [(e["entity_group"], e["start"], e["end"]) for e in t]
         report["pipeline_fp32_vs_packed_simple"] = {"texts": len(subset), "texts_differing": differ}

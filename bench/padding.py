@@ -54,9 +54,12 @@ def main() -> None:
     from nerserve.config import Settings
     from nerserve.service import NerService
 
-    path = DEFAULT_MODEL if args.model == "minilm" else \
-        build_bert_base(DEFAULT_MODEL, Path(tempfile.mkdtemp(prefix="nerpadding-")) / "bert-base-random")
-    sents = conll_sentences(DEFAULT_CONLL)[0][:args.sentences]
+    path = (
+        DEFAULT_MODEL
+        if args.model == "minilm"
+        else build_bert_base(DEFAULT_MODEL, Path(tempfile.mkdtemp(prefix="nerpadding-")) / "bert-base-random")
+    )
+    sents = conll_sentences(DEFAULT_CONLL)[0][: args.sentences]
     service = NerService(Settings(checkpoint=str(path)))
     tok, engine = service.tokenizer, service.engine
     sentence_ids = [x.ids for w in tok.encode(sents, False) for x in w]
@@ -66,19 +69,28 @@ def main() -> None:
     paragraph_ids = [x.ids for w in paragraph_windows for x in w]
     requests = requests_of(paragraph_ids, 8)
     own = engine.min_fill
-    print(f"{args.model}: engine {engine.name} {engine.precision}, padded={engine.padded}, "
-          f"{len(sentence_ids)} sentences, {len(requests)} requests of 8 paragraphs", flush=True)
+    print(
+        f"{args.model}: engine {engine.name} {engine.precision}, padded={engine.padded}, "
+        f"{len(sentence_ids)} sentences, {len(requests)} requests of 8 paragraphs",
+        flush=True,
+    )
     for min_fill in (0.0, own):
         engine.min_fill = min_fill
         sentences = bench_engine(engine, sentence_ids, args.seconds, args.max_num_tokens)["tokens_s"]
         paragraph = requests_throughput(engine, requests, args.seconds, args.max_num_tokens)
-        print(f"min_fill {min_fill}: sentences {sentences:,.0f} tok/s, 8-paragraph requests {paragraph:,.0f} tok/s",
-              flush=True)
+        print(
+            f"min_fill {min_fill}: sentences {sentences:,.0f} tok/s, 8-paragraph requests {paragraph:,.0f} tok/s",
+            flush=True,
+        )
     service.close()
     import torch
 
-    pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple",
-                    device=0 if torch.cuda.is_available() else -1)
+    pipe = pipeline(
+        "token-classification",
+        model=str(path),
+        aggregation_strategy="simple",
+        device=0 if torch.cuda.is_available() else -1,
+    )
     piped = _pipeline_throughput(pipe, requests_of(paras, 8), 8, ntok, args.seconds)["tokens_s"]
     print(f"pipeline (fp32) on the same 8-paragraph requests: {piped:,.0f} tok/s", flush=True)
 

@@ -52,6 +52,7 @@ DEFAULT_CONLL = SHARED / "data" / "conll2003" / "eng.testa"
 
 # ---- data ------------------------------------------------------------------------------------------
 
+
 def conll_sentences(path: Path) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """Dev sentences as text (words joined by spaces), with their words and gold tags."""
     texts, words, tags, cur_w, cur_t = [], [], [], [], []
@@ -90,7 +91,7 @@ def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int =
 def requests_of(items: list, per: int) -> list[list]:
     """Consecutive requests of `per` items, as the HTTP bench sends them (one shorter request when
     there are fewer than `per` items, so a small --sentences still measures something)."""
-    return [items[i:i + per] for i in range(0, len(items) - per + 1, per)] or [items]
+    return [items[i : i + per] for i in range(0, len(items) - per + 1, per)] or [items]
 
 
 def machine_name() -> dict:
@@ -105,6 +106,7 @@ def machine_name() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
     import torch
     import transformers
+
     info["torch"] = torch.__version__
     info["transformers"] = transformers.__version__
     if torch.cuda.is_available():
@@ -121,9 +123,17 @@ def build_bert_base(tokenizer_dir: Path, out: Path) -> Path:
         return out
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     src = AutoConfig.from_pretrained(tokenizer_dir)
-    config = BertConfig(vocab_size=len(tok), hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072, max_position_embeddings=512, num_labels=len(src.id2label),
-                        id2label=src.id2label, label2id=src.label2id)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
+        num_labels=len(src.id2label),
+        id2label=src.id2label,
+        label2id=src.label2id,
+    )
     torch.manual_seed(0)
     BertForTokenClassification(config).eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -131,6 +141,7 @@ def build_bert_base(tokenizer_dir: Path, out: Path) -> Path:
 
 
 # ---- timing helpers ---------------------------------------------------------------------------------
+
 
 def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values), q)) if len(values) else float("nan")
@@ -151,12 +162,13 @@ def timed_loop(fn, items, seconds: float, min_iters: int = 3):
 
 # ---- measurements -------------------------------------------------------------------------------------
 
+
 def _pipeline_throughput(pipe, chunks: list[list[str]], batch_size: int, ntok: dict, seconds: float) -> dict:
     """Texts and tokens per second of the pipeline called on `chunks` in turn with `batch_size`."""
     pipe(chunks[0][:batch_size], batch_size=batch_size)
     texts = tokens = 0
     start = time.perf_counter()
-    for k in range(10 ** 6):
+    for k in range(10**6):
         chunk = chunks[k % len(chunks)]
         pipe(chunk, batch_size=batch_size)
         texts += len(chunk)
@@ -170,14 +182,19 @@ def _pipeline_throughput(pipe, chunks: list[list[str]], batch_size: int, ntok: d
 def bench_pipeline(path: Path, sents: list[str], paras: list[str], ntok: dict, seconds: float, device: str) -> dict:
     from transformers import pipeline
 
-    pipe = pipeline("token-classification", model=str(path), aggregation_strategy="simple",
-                    device=0 if device == "cuda" else -1)
+    pipe = pipeline(
+        "token-classification", model=str(path), aggregation_strategy="simple", device=0 if device == "cuda" else -1
+    )
     pipe(sents[:8])
     pipe(sents[0])
     n, el, lat = timed_loop(pipe, sents, seconds)
-    b1 = {"texts_s": n / el, "tokens_s": sum(ntok[s] for s in (sents * (n // len(sents) + 1))[:n]) / el,
-          "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
-    b64 = _pipeline_throughput(pipe, [sents[i:i + 256] for i in range(0, len(sents), 256)], 64, ntok, seconds)
+    b1 = {
+        "texts_s": n / el,
+        "tokens_s": sum(ntok[s] for s in (sents * (n // len(sents) + 1))[:n]) / el,
+        "p50_ms": pct(lat, 50) * 1e3,
+        "p99_ms": pct(lat, 99) * 1e3,
+    }
+    b64 = _pipeline_throughput(pipe, [sents[i : i + 256] for i in range(0, len(sents), 256)], 64, ntok, seconds)
     # the same requests of 8 paragraphs the HTTP bench sends, so paragraphs compare like with like
     p8 = _pipeline_throughput(pipe, requests_of(paras, 8), 8, ntok, seconds)
     del pipe
@@ -191,7 +208,7 @@ def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens:
         engine.run(b)
     tokens = texts = 0
     start = time.perf_counter()
-    for k in range(10 ** 7):
+    for k in range(10**7):
         b = batches[k % len(batches)]
         engine.run(b)
         tokens += sum(len(s) for s in b)
@@ -200,8 +217,13 @@ def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens:
             break
     el = time.perf_counter() - start
     n, el1, lat = timed_loop(lambda s: engine.run([s]), seqs[:512], min(seconds, 3.0), 20)
-    return {"texts_s": texts / el, "tokens_s": tokens / el, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-            "batches": len(batches)}
+    return {
+        "texts_s": texts / el,
+        "tokens_s": tokens / el,
+        "p50_ms": pct(lat, 50) * 1e3,
+        "p99_ms": pct(lat, 99) * 1e3,
+        "batches": len(batches),
+    }
 
 
 def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> dict:
@@ -214,11 +236,11 @@ def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> di
         orjson.dumps(out)
         return sum(len(x.ids) for w in windows for x in w)
 
-    chunks = [sents[i:i + 64] for i in range(0, len(sents), 64)]
+    chunks = [sents[i : i + 64] for i in range(0, len(sents), 64)]
     step(chunks[0])
     tokens = texts = 0
     start = time.perf_counter()
-    for k in range(10 ** 7):
+    for k in range(10**7):
         tokens += step(chunks[k % len(chunks)])
         texts += len(chunks[k % len(chunks)])
         if time.perf_counter() - start >= seconds:
@@ -235,6 +257,7 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
         deadline = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
+
             async def worker(k):
                 i = k
                 while time.perf_counter() < deadline:
@@ -248,6 +271,7 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
                         stats["tokens"] += tokens
                     else:
                         stats["errors"] += 1
+
             await asyncio.gather(*(worker(k) for k in range(inflight)))
         stats["t1"] = time.time()  # the last answer: requests still in flight at the deadline count
         return stats
@@ -261,8 +285,10 @@ def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue
 def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    workers = [ctx.Process(target=_client_proc, args=(port, payloads[k::procs] or payloads, seconds, inflight, queue))
-               for k in range(procs)]
+    workers = [
+        ctx.Process(target=_client_proc, args=(port, payloads[k::procs] or payloads, seconds, inflight, queue))
+        for k in range(procs)
+    ]
     start = time.perf_counter()
     for w in workers:
         w.start()
@@ -275,9 +301,14 @@ def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: i
     if failures:
         raise RuntimeError("client failed: " + failures[0])
     lat = [x for r in results for x in r["lat"]]
-    return {"texts_s": sum(r["texts"] for r in results) / el, "tokens_s": sum(r["tokens"] for r in results) / el,
-            "errors": sum(r["errors"] for r in results), "req_p50_ms": pct(lat, 50) * 1e3,
-            "req_p99_ms": pct(lat, 99) * 1e3, "clients": f"{procs}x{inflight}"}
+    return {
+        "texts_s": sum(r["texts"] for r in results) / el,
+        "tokens_s": sum(r["tokens"] for r in results) / el,
+        "errors": sum(r["errors"] for r in results),
+        "req_p50_ms": pct(lat, 50) * 1e3,
+        "req_p99_ms": pct(lat, 99) * 1e3,
+        "clients": f"{procs}x{inflight}",
+    }
 
 
 def free_port() -> int:
@@ -286,19 +317,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, seconds: float, procs: int,
-               inflight: int, engine: str, engine_dir: Path | None = None) -> dict:
+def bench_http(
+    path: Path,
+    sents: list[str],
+    paras: list[str],
+    ntok: dict,
+    seconds: float,
+    procs: int,
+    inflight: int,
+    engine: str,
+    engine_dir: Path | None = None,
+) -> dict:
     import httpx
     import orjson
 
     port = free_port()
-    env = dict(os.environ, CHECKPOINT=str(path), PORT=str(port), ENGINE=engine, LOG_LEVEL="WARNING",
-               NERSERVE_CONFIG=str(ROOT / "config.yaml"), ENGINE_DIR=str(engine_dir or ""),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        CHECKPOINT=str(path),
+        PORT=str(port),
+        ENGINE=engine,
+        LOG_LEVEL="WARNING",
+        NERSERVE_CONFIG=str(ROOT / "config.yaml"),
+        ENGINE_DIR=str(engine_dir or ""),
+        PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     log_path = Path(tempfile.mkstemp(prefix="nerbench-server-", suffix=".log")[1])
     with open(log_path, "w") as log_file:  # the server keeps its own copy of the descriptor
-        server = subprocess.Popen([sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=log_file)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file
+        )
     try:
         deadline = time.time() + 900
         while True:
@@ -315,8 +363,14 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
         info = httpx.get(f"http://127.0.0.1:{port}/info").json()
 
         def payloads(texts, per):
-            return [(orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}), len(chunk),
-                     sum(ntok[t] for t in chunk)) for chunk in requests_of(texts, per)]
+            return [
+                (
+                    orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}),
+                    len(chunk),
+                    sum(ntok[t] for t in chunk),
+                )
+                for chunk in requests_of(texts, per)
+            ]
 
         res = {"engine": info.get("engine"), "precision": info.get("precision")}
         res["sentences"] = http_load(port, payloads(sents, 64), seconds, procs, inflight)
@@ -332,8 +386,13 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
                 server_ms.append(float(response.headers["x-total-time-ms"]))
 
             n, el, lat = timed_loop(one_call, one, min(seconds, 5.0), 50)
-        res["single"] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "texts_s": n / el,
-                         "server_p50_ms": pct(server_ms, 50), "server_p99_ms": pct(server_ms, 99)}
+        res["single"] = {
+            "p50_ms": pct(lat, 50) * 1e3,
+            "p99_ms": pct(lat, 99) * 1e3,
+            "texts_s": n / el,
+            "server_p50_ms": pct(server_ms, 50),
+            "server_p99_ms": pct(server_ms, 99),
+        }
         return res
     finally:
         server.terminate()
@@ -345,10 +404,23 @@ def bench_http(path: Path, sents: list[str], paras: list[str], ntok: dict, secon
 
 # ---- per model ----------------------------------------------------------------------------------------
 
+
 def build_int8(path: Path, out: Path) -> Path:
     """`make build-engine PRECISION=int8` for the CPU row: quantized graph, F1 measured by the build."""
-    subprocess.run([sys.executable, str(ROOT / "build" / "build_engine.py"), "--checkpoint", str(path),
-                    "--precision", "int8", "--out", str(out)], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "build" / "build_engine.py"),
+            "--checkpoint",
+            str(path),
+            "--precision",
+            "int8",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return out
 
 
@@ -357,8 +429,9 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     from nerserve.service import NerService
 
     print(f"[{label}] loading service ({path}{', engine dir ' + str(engine_dir) if engine_dir else ''})", flush=True)
-    service = NerService(Settings(checkpoint=str(path), engine=args.engine,
-                                  engine_dir=str(engine_dir) if engine_dir else None))
+    service = NerService(
+        Settings(checkpoint=str(path), engine=args.engine, engine_dir=str(engine_dir) if engine_dir else None)
+    )
     tok = service.tokenizer
     windows = tok.encode(sents, False)
     ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows, strict=True)}
@@ -367,9 +440,16 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     pw = tok.encode(paras, False)
     ntok.update({t: sum(len(x.ids) for x in w) for t, w in zip(paras, pw, strict=True)})
     seqs = [x.ids for w in windows for x in w]
-    res = {"checkpoint": str(path), "engine": service.engine.name, "precision": service.engine.precision,
-           "packed": not service.engine.padded, "sentences": len(sents), "mean_sentence_tokens": float(counts.mean()),
-           "paragraphs": len(paras), "mean_paragraph_tokens": float(np.mean([ntok[p] for p in paras]))}
+    res = {
+        "checkpoint": str(path),
+        "engine": service.engine.name,
+        "precision": service.engine.precision,
+        "packed": not service.engine.padded,
+        "sentences": len(sents),
+        "mean_sentence_tokens": float(counts.mean()),
+        "paragraphs": len(paras),
+        "mean_paragraph_tokens": float(np.mean([ntok[p] for p in paras])),
+    }
     if engine_dir:  # the build measured entity F1 on CoNLL dev for both precisions
         graph = json.loads((engine_dir / "manifest.json").read_text())["parity"]["int8"]
         res["conll_f1"] = {k: graph[k] for k in ("f1_fp32", "f1_int8", "f1_sentences") if k in graph}
@@ -379,7 +459,7 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     logits = run_batched(service.engine, seqs, args.max_num_tokens)
     cursor, logits_of = 0, {}
     for t, w in zip(sents, windows, strict=True):
-        logits_of[t] = logits[cursor: cursor + len(w)]
+        logits_of[t] = logits[cursor : cursor + len(w)]
         cursor += len(w)
     res["host"] = bench_host(service, sents, logits_of, args.seconds)
     print(f"[{label}] host path: {res['host']}", flush=True)
@@ -387,13 +467,15 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     del service
     if device == "cuda":
         import torch
+
         torch.cuda.empty_cache()
     res.update(bench_pipeline(path, sents, paras, ntok, args.seconds, device))
     print(f"[{label}] pipeline: b1 {res['pipeline_b1']} b64 {res['pipeline_b64']}", flush=True)
     if not args.no_http:
         try:
-            res["http"] = bench_http(path, sents, paras, ntok, args.seconds, args.client_procs, args.inflight,
-                                     args.engine, engine_dir)
+            res["http"] = bench_http(
+                path, sents, paras, ntok, args.seconds, args.client_procs, args.inflight, args.engine, engine_dir
+            )
             print(f"[{label}] http: {res['http']}", flush=True)
         except Exception as error:  # noqa: BLE001 - report, keep the other figures
             res["http_error"] = f"{type(error).__name__}: {error}"
@@ -403,10 +485,15 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
 
 def table(results: dict) -> str:
     m = results["machine"]
-    head = f"machine: {m.get('gpu') or 'no GPU'} | CPU {m['cpu']} x{m['cores']} | torch {m['torch']} | " \
-           f"transformers {m['transformers']} | {results['date']}"
-    lines = [head, "| model | path | tokens/s | texts/s | x pipeline b64 | single p50 ms | single p99 ms "
-             "| x pipeline b1 p50 |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = (
+        f"machine: {m.get('gpu') or 'no GPU'} | CPU {m['cpu']} x{m['cores']} | torch {m['torch']} | "
+        f"transformers {m['transformers']} | {results['date']}"
+    )
+    lines = [
+        head,
+        "| model | path | tokens/s | texts/s | x pipeline b64 | single p50 ms | single p99 ms | x pipeline b1 p50 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for label, r in results["models"].items():
         base = r["pipeline_b64"]["tokens_s"]
         p1 = r["pipeline_b1"]["p50_ms"]
@@ -414,10 +501,13 @@ def table(results: dict) -> str:
         def row(name, d, single=None, label=label, base=base, p1=p1):
             single = single or {}
             lat, p99 = single.get("p50_ms"), single.get("p99_ms")
-            lines.append(f"| {label} | {name} | {d['tokens_s']:,.0f} | {d['texts_s']:,.1f} | "
-                         f"{d['tokens_s'] / base:.2f} | {'' if lat is None else f'{lat:.2f}'} | "
-                         f"{'' if p99 is None else f'{p99:.2f}'} | "
-                         f"{'' if lat is None else f'{p1 / lat:.2f}'} |")
+            lines.append(
+                f"| {label} | {name} | {d['tokens_s']:,.0f} | {d['texts_s']:,.1f} | "
+                f"{d['tokens_s'] / base:.2f} | {'' if lat is None else f'{lat:.2f}'} | "
+                f"{'' if p99 is None else f'{p99:.2f}'} | "
+                f"{'' if lat is None else f'{p1 / lat:.2f}'} |"
+            )
+
         row("pipeline b1 (fp32)", r["pipeline_b1"], r["pipeline_b1"])
         row("pipeline b64 (fp32)", r["pipeline_b64"])
         if "pipeline_paragraphs" in r:
@@ -428,12 +518,17 @@ def table(results: dict) -> str:
         if "http" in r:
             h = r["http"]
             row(f"HTTP sentences, 64/request, clients {h['sentences']['clients']}", h["sentences"], h["single"])
-            like = (f"; {h['paragraphs']['tokens_s'] / r['pipeline_paragraphs']['tokens_s']:.2f}x pipeline paragraphs"
-                    if "pipeline_paragraphs" in r else "")
+            like = (
+                f"; {h['paragraphs']['tokens_s'] / r['pipeline_paragraphs']['tokens_s']:.2f}x pipeline paragraphs"
+                if "pipeline_paragraphs" in r
+                else ""
+            )
             row(f"HTTP paragraphs ({r['mean_paragraph_tokens']:.0f} tok), 8/request{like}", h["paragraphs"])
             s = h["single"]
-            lines.append(f"| {label} | one sentence, server-side (x-total-time-ms) | | | | "
-                         f"{s['server_p50_ms']:.2f} | {s['server_p99_ms']:.2f} | |")
+            lines.append(
+                f"| {label} | one sentence, server-side (x-total-time-ms) | | | | "
+                f"{s['server_p50_ms']:.2f} | {s['server_p99_ms']:.2f} | |"
+            )
         elif "http_error" in r:
             lines.append(f"| {label} | HTTP | failed: {r['http_error'][:120]} | | | | | |")
         else:
@@ -441,8 +536,10 @@ def table(results: dict) -> str:
     for label, r in results["models"].items():
         if "conll_f1" in r:
             f1 = r["conll_f1"]
-            lines.append(f"\n{label}: entity F1 on CoNLL-2003 dev ({f1.get('f1_sentences')} sentences): "
-                         f"fp32 {f1.get('f1_fp32', float('nan')):.4f}, int8 {f1.get('f1_int8', float('nan')):.4f}")
+            lines.append(
+                f"\n{label}: entity F1 on CoNLL-2003 dev ({f1.get('f1_sentences')} sentences): "
+                f"fp32 {f1.get('f1_fp32', float('nan')):.4f}, int8 {f1.get('f1_int8', float('nan')):.4f}"
+            )
     if "check" in results:
         lines.append("")
         lines.append("correctness (packed engine vs float32): " + json.dumps(results["check"]))
@@ -453,9 +550,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, 1000 sentences")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
-    parser.add_argument("--models", default=None,
-                        help="comma list of minilm, bert-base, minilm-int8 (default: minilm,bert-base, plus "
-                             "minilm-int8 on CPU)")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma list of minilm, bert-base, minilm-int8 (default: minilm,bert-base, plus minilm-int8 on CPU)",
+    )
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL)
     parser.add_argument("--engine", default="auto")
@@ -478,14 +577,20 @@ def main() -> None:
     texts, words, tags = conll_sentences(args.conll)
     n = args.sentences or (1000 if args.quick else len(texts))
     sents = texts[:n]
-    results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_name(),
-               "device": device, "seconds_per_measure": args.seconds, "models": {}}
+    results = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine_name(),
+        "device": device,
+        "seconds_per_measure": args.seconds,
+        "models": {},
+    }
     print(json.dumps(results["machine"]), flush=True)
     if args.check:
         try:
             results["check"] = check_packed(args.checkpoint, texts, words, tags)
         except Exception as error:  # noqa: BLE001 - report it, still run the bench
             import traceback
+
             traceback.print_exc()
             results["check"] = {"error": f"{type(error).__name__}: {error}"}
         print("check:", json.dumps(results["check"]), flush=True)
@@ -495,8 +600,9 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nerbench-"))
     models = args.models or ("minilm,bert-base" if device == "cuda" else "minilm,minilm-int8,bert-base")
     for label in models.split(","):
-        path = build_bert_base(args.checkpoint, workdir / "bert-base-random") if label == "bert-base" \
-            else args.checkpoint
+        path = (
+            build_bert_base(args.checkpoint, workdir / "bert-base-random") if label == "bert-base" else args.checkpoint
+        )
         engine_dir = build_int8(path, workdir / "int8") if label == "minilm-int8" else None
         results["models"][label] = bench_model(label, path, sents, args, device, engine_dir)
         out.write_text(json.dumps(results, indent=1))  # partial results survive a later failure

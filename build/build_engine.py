@@ -38,6 +38,7 @@ def stage(message: str) -> None:
 
 # --- entity F1 on CoNLL-2003 (first sub-token per word, exact span match) -----------------------------
 
+
 def read_conll(path: Path, limit: int | None = None) -> list[tuple[list[str], list[str]]]:
     """(words, NER tags) per sentence of a CoNLL-2003 file (4 columns, blank-line separated, -DOCSTART- skipped)."""
     sentences: list[tuple[list[str], list[str]]] = []
@@ -74,15 +75,17 @@ def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
     return spans
 
 
-def predict_word_tags(engine, checkpoint: Checkpoint, sentences: list[list[str]],
-                      batch_size: int = 64) -> list[list[str]]:
+def predict_word_tags(
+    engine, checkpoint: Checkpoint, sentences: list[list[str]], batch_size: int = 64
+) -> list[list[str]]:
     """The label of each word's first sub-token (words cut off by truncation get O), batched by length."""
-    encoded = checkpoint.tokenizer(sentences, is_split_into_words=True, truncation=True,
-                                   max_length=checkpoint.max_input_tokens)
+    encoded = checkpoint.tokenizer(
+        sentences, is_split_into_words=True, truncation=True, max_length=checkpoint.max_input_tokens
+    )
     order = sorted(range(len(sentences)), key=lambda i: len(encoded["input_ids"][i]))
     predictions: list[list[str]] = [[] for _ in sentences]
     for begin in range(0, len(order), batch_size):
-        chunk = order[begin: begin + batch_size]
+        chunk = order[begin : begin + batch_size]
         logits = engine.run([np.asarray(encoded["input_ids"][i], dtype=np.int64) for i in chunk])
         for i, sentence_logits in zip(chunk, logits, strict=True):
             tags = ["O"] * len(sentences[i])
@@ -117,24 +120,35 @@ def conll_f1(onnx_path: Path, checkpoint: Checkpoint, data: list[tuple[list[str]
 
 # --- the stages ---------------------------------------------------------------------------------------
 
+
 def parity_shapes(max_num_tokens: int, max_input_tokens: int) -> tuple[tuple[int, int], ...]:
     """Random-input shapes for the checks: short, odd, mid-length, and full length, all within the token budget."""
     mid = min(128, max_input_tokens)
-    return ((1, min(7, max_input_tokens)), (min(3, max_num_tokens // 33 or 1), min(33, max_input_tokens)),
-            (max(1, min(8, max_num_tokens // mid)), mid), (max(1, min(2, max_num_tokens // max_input_tokens)), 0))
+    return (
+        (1, min(7, max_input_tokens)),
+        (min(3, max_num_tokens // 33 or 1), min(33, max_input_tokens)),
+        (max(1, min(8, max_num_tokens // mid)), mid),
+        (max(1, min(2, max_num_tokens // max_input_tokens)), 0),
+    )
 
 
 def checked(report: onnx_export.ParityReport, precision: str, what: str) -> dict:
     """Print `report` against its tolerance; exit with status 1 past it. Returns its manifest entry."""
     max_diff, min_agreement = onnx_export.TOLERANCES[precision]
     verdict = "OK" if report.within(precision) else "FAILED"
-    limit = ("no random-input limit: int8 is judged by entity F1" if precision == "int8"
-             else f"tolerance: diff <= {max_diff:g}, agreement >= {min_agreement:.1%}")
+    limit = (
+        "no random-input limit: int8 is judged by entity F1"
+        if precision == "int8"
+        else f"tolerance: diff <= {max_diff:g}, agreement >= {min_agreement:.1%}"
+    )
     stage(f"      {what} vs PyTorch fp32: {report}  [{limit}] {verdict}")
     if verdict == "FAILED":
         sys.exit(f"build failed: {what} disagrees with PyTorch beyond the tolerance")
-    return {"max_abs_diff": report.max_abs_diff, "argmax_agreement": report.argmax_agreement,
-            "shapes": [list(s) for s in report.shapes]}
+    return {
+        "max_abs_diff": report.max_abs_diff,
+        "argmax_agreement": report.argmax_agreement,
+        "shapes": [list(s) for s in report.shapes],
+    }
 
 
 def clear_outputs(out: Path) -> None:
@@ -148,16 +162,25 @@ def stage_onnx(args: argparse.Namespace, checkpoint: Checkpoint, out: Path, shap
     started = time.perf_counter()
     stage(f"[1/2] ONNX: exporting {checkpoint.name} (opset {args.opset}, dynamic batch and sequence)")
     exported = onnx_export.export_onnx(checkpoint, out, opset=args.opset)
-    parity = {"onnx": checked(onnx_export.check_against_torch(checkpoint, exported, shapes=shapes), "fp32",
-                              "ONNX Runtime on model.onnx")}
+    parity = {
+        "onnx": checked(
+            onnx_export.check_against_torch(checkpoint, exported, shapes=shapes), "fp32", "ONNX Runtime on model.onnx"
+        )
+    }
     optimized = onnx_export.save_ort_optimized(exported, out / onnx_export.ORT_OPTIMIZED_NAME)
-    parity["ort_optimized"] = checked(onnx_export.check_against_torch(checkpoint, optimized, shapes=shapes), "fp32",
-                                      f"ONNX Runtime on {optimized.name}")
+    parity["ort_optimized"] = checked(
+        onnx_export.check_against_torch(checkpoint, optimized, shapes=shapes),
+        "fp32",
+        f"ONNX Runtime on {optimized.name}",
+    )
     served = {"file": optimized.name, "precision": "fp32"}
     if args.precision == "int8":
         quantized = onnx_export.quantize_int8(exported, out / onnx_export.INT8_NAME)
-        parity["int8"] = checked(onnx_export.check_against_torch(checkpoint, quantized, shapes=shapes), "int8",
-                                 f"ONNX Runtime on {quantized.name}")
+        parity["int8"] = checked(
+            onnx_export.check_against_torch(checkpoint, quantized, shapes=shapes),
+            "int8",
+            f"ONNX Runtime on {quantized.name}",
+        )
         parity["int8"].update(int8_f1(args, checkpoint, optimized, quantized))
         served = {"file": quantized.name, "precision": "int8"}
     stage(f"[1/2] ONNX: done in {time.perf_counter() - started:.1f} s; ONNX Runtime will serve {served['file']}")
@@ -176,9 +199,11 @@ def int8_f1(args: argparse.Namespace, checkpoint: Checkpoint, fp32_path: Path, i
     f1_int8 = conll_f1(int8_path, checkpoint, data, "int8")
     drop = 100 * (f1_fp32 - f1_int8)
     verdict = "OK" if drop <= args.max_f1_drop else "FAILED"
-    stage(f"      entity F1 on {args.conll.name} ({len(data)} sentences, first sub-token per word, exact spans): "
-          f"fp32 {f1_fp32:.4f}, int8 {f1_int8:.4f} (drop {drop:.2f} points, limit {args.max_f1_drop:g}) "
-          f"{verdict} [{time.perf_counter() - started:.1f} s]")
+    stage(
+        f"      entity F1 on {args.conll.name} ({len(data)} sentences, first sub-token per word, exact spans): "
+        f"fp32 {f1_fp32:.4f}, int8 {f1_int8:.4f} (drop {drop:.2f} points, limit {args.max_f1_drop:g}) "
+        f"{verdict} [{time.perf_counter() - started:.1f} s]"
+    )
     if verdict == "FAILED":
         sys.exit("build failed: int8 quantization costs more entity F1 than allowed")
     return {"f1_fp32": f1_fp32, "f1_int8": f1_int8, "f1_sentences": len(data), "f1_data": args.conll.name}
@@ -195,8 +220,9 @@ def tensorrt_unavailable(precision: str, platform: manifest_lib.Platform) -> str
     return None
 
 
-def stage_tensorrt(args: argparse.Namespace, checkpoint: Checkpoint, out: Path, platform: manifest_lib.Platform,
-                   shapes) -> tuple[dict, dict, list]:
+def stage_tensorrt(
+    args: argparse.Namespace, checkpoint: Checkpoint, out: Path, platform: manifest_lib.Platform, shapes
+) -> tuple[dict, dict, list]:
     """Stage 2: half-precision ONNX (when asked), plan over the profile ladder, parity of the plan."""
     from nerserve.engines.tensorrt_engine import TensorRTEngine, build_engine, profile_ladder
 
@@ -207,14 +233,19 @@ def stage_tensorrt(args: argparse.Namespace, checkpoint: Checkpoint, out: Path, 
     profiles = profile_ladder(args.max_num_tokens, checkpoint.max_input_tokens)
     slug = "".join(c if c.isalnum() else "-" for c in f"{platform.gpu_name}-trt{platform.tensorrt_version}")
     timing_cache = args.timing_cache or cache_root() / "tensorrt" / f"timing-{slug}.cache"
-    stage(f"[2/2] TensorRT {platform.tensorrt_version}: building {args.precision} plan for {platform.gpu_name} "
-          f"(compute capability {platform.compute_capability}) from {source.name}, {len(profiles)} profiles, "
-          f"workspace {args.workspace_gb:g} GiB, timing cache {timing_cache}")
+    stage(
+        f"[2/2] TensorRT {platform.tensorrt_version}: building {args.precision} plan for {platform.gpu_name} "
+        f"(compute capability {platform.compute_capability}) from {source.name}, {len(profiles)} profiles, "
+        f"workspace {args.workspace_gb:g} GiB, timing cache {timing_cache}"
+    )
     plan = build_engine(source, out, profiles, int(args.workspace_gb * (1 << 30)), timing_cache)
     engine = TensorRTEngine(plan, checkpoint.tokenizer.pad_token_id or 0, precision=args.precision)
     try:
-        parity = checked(onnx_export.check_engine_against_torch(checkpoint, engine, shapes=shapes), args.precision,
-                         f"TensorRT {plan.name}")
+        parity = checked(
+            onnx_export.check_engine_against_torch(checkpoint, engine, shapes=shapes),
+            args.precision,
+            f"TensorRT {plan.name}",
+        )
     finally:
         engine.close()
     stage(f"[2/2] TensorRT: done in {time.perf_counter() - started:.1f} s")
@@ -222,36 +253,67 @@ def stage_tensorrt(args: argparse.Namespace, checkpoint: Checkpoint, out: Path, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="HF repo id (fetched once into the hub cache) or a local folder in HF format")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="HF repo id (fetched once into the hub cache) or a local folder in HF format",
+    )
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub checkpoint (default: main)")
-    parser.add_argument("--max-num-tokens", type=int, default=16384,
-                        help="token budget of one padded batch (batch x longest); sizes the TensorRT profiles; "
-                             "must be at least the model's max input length (default 16384)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
-                        help="fp16 (default with a CUDA GPU) or bf16 (GPUs with bf16, compute capability >= 8.0): "
-                             "the TensorRT plan's precision, taken from a half-precision ONNX; fp32 (default on CPU); "
-                             "int8: ONNX Runtime dynamic quantization for CPU, F1 measured against fp32")
-    parser.add_argument("--out", type=Path, default=Path("data/engine"),
-                        help="engine folder to write (default data/engine)")
-    parser.add_argument("--workspace-gb", type=float, default=4.0,
-                        help="TensorRT builder workspace limit in GiB (default 4)")
-    parser.add_argument("--opset", type=int, default=onnx_export.OPSET,
-                        help=f"ONNX opset, {onnx_export.OPSET} or newer (LayerNormalization as one op; "
-                             f"default {onnx_export.OPSET})")
-    parser.add_argument("--timing-cache", type=Path, default=None,
-                        help="TensorRT timing cache file, reused across builds "
-                             "(default: one per GPU and TensorRT version under the nerserve cache)")
-    parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL,
-                        help="CoNLL-2003 file for the int8 entity-F1 check, skipped with a message when absent "
-                             "(default ../shared/data/conll2003/eng.testa beside the repo)")
-    parser.add_argument("--f1-sentences", type=int, default=None,
-                        help="use only the first N sentences for the int8 F1 (default: all; 0 skips it)")
-    parser.add_argument("--max-f1-drop", type=float, default=MAX_INT8_F1_DROP,
-                        help="fail the int8 build when its entity F1 is more than this many points below fp32 "
-                             f"(default {MAX_INT8_F1_DROP:g}, the serving contract's limit)")
+    parser.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=16384,
+        help="token budget of one padded batch (batch x longest); sizes the TensorRT profiles; "
+        "must be at least the model's max input length (default 16384)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16", "int8"),
+        default=None,
+        help="fp16 (default with a CUDA GPU) or bf16 (GPUs with bf16, compute capability >= 8.0): "
+        "the TensorRT plan's precision, taken from a half-precision ONNX; fp32 (default on CPU); "
+        "int8: ONNX Runtime dynamic quantization for CPU, F1 measured against fp32",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/engine"), help="engine folder to write (default data/engine)"
+    )
+    parser.add_argument(
+        "--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace limit in GiB (default 4)"
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=onnx_export.OPSET,
+        help=f"ONNX opset, {onnx_export.OPSET} or newer (LayerNormalization as one op; default {onnx_export.OPSET})",
+    )
+    parser.add_argument(
+        "--timing-cache",
+        type=Path,
+        default=None,
+        help="TensorRT timing cache file, reused across builds "
+        "(default: one per GPU and TensorRT version under the nerserve cache)",
+    )
+    parser.add_argument(
+        "--conll",
+        type=Path,
+        default=DEFAULT_CONLL,
+        help="CoNLL-2003 file for the int8 entity-F1 check, skipped with a message when absent "
+        "(default ../shared/data/conll2003/eng.testa beside the repo)",
+    )
+    parser.add_argument(
+        "--f1-sentences",
+        type=int,
+        default=None,
+        help="use only the first N sentences for the int8 F1 (default: all; 0 skips it)",
+    )
+    parser.add_argument(
+        "--max-f1-drop",
+        type=float,
+        default=MAX_INT8_F1_DROP,
+        help="fail the int8 build when its entity F1 is more than this many points below fp32 "
+        f"(default {MAX_INT8_F1_DROP:g}, the serving contract's limit)",
+    )
     return parser.parse_args(argv)
 
 
@@ -260,17 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     checkpoint = load_checkpoint(args.checkpoint, args.revision)
     if args.max_num_tokens < checkpoint.max_input_tokens:
-        sys.exit(f"--max-num-tokens {args.max_num_tokens} is below the model's max input length "
-                 f"{checkpoint.max_input_tokens}: one full-length text would not fit a batch")
+        sys.exit(
+            f"--max-num-tokens {args.max_num_tokens} is below the model's max input length "
+            f"{checkpoint.max_input_tokens}: one full-length text would not fit a batch"
+        )
     platform = manifest_lib.current_platform()
     args.precision = args.precision or ("fp16" if platform.has_gpu else "fp32")
     capability = tuple(map(int, platform.compute_capability.split("."))) if platform.compute_capability else None
     if args.precision == "bf16" and capability is not None and capability < (8, 0):
-        sys.exit(f"--precision bf16 needs compute capability 8.0 or newer; {platform.gpu_name} "
-                 f"has {platform.compute_capability}")
-    stage(f"building {args.checkpoint} ({len(checkpoint.labels)} labels, max input {checkpoint.max_input_tokens} "
-          f"tokens, sha256 {checkpoint.sha256[:12]}…) -> {args.out}, precision {args.precision}, "
-          f"max_num_tokens {args.max_num_tokens}")
+        sys.exit(
+            f"--precision bf16 needs compute capability 8.0 or newer; {platform.gpu_name} "
+            f"has {platform.compute_capability}"
+        )
+    stage(
+        f"building {args.checkpoint} ({len(checkpoint.labels)} labels, max input {checkpoint.max_input_tokens} "
+        f"tokens, sha256 {checkpoint.sha256[:12]}…) -> {args.out}, precision {args.precision}, "
+        f"max_num_tokens {args.max_num_tokens}"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     clear_outputs(args.out)
     shapes = parity_shapes(args.max_num_tokens, checkpoint.max_input_tokens)
@@ -280,11 +348,20 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         stage(f"[2/2] TensorRT: skipped: {reason}. Stage 1 is complete: {args.out} serves with ONNX Runtime.")
     else:
-        artefacts["tensorrt"], parity["tensorrt"], profiles = stage_tensorrt(args, checkpoint, args.out, platform,
-                                                                             shapes)
-    path = manifest_lib.write_manifest(args.out, checkpoint, args.revision, precision=args.precision,
-                                       max_num_tokens=args.max_num_tokens, artefacts=artefacts, profiles=profiles,
-                                       platform=platform, parity=parity)
+        artefacts["tensorrt"], parity["tensorrt"], profiles = stage_tensorrt(
+            args, checkpoint, args.out, platform, shapes
+        )
+    path = manifest_lib.write_manifest(
+        args.out,
+        checkpoint,
+        args.revision,
+        precision=args.precision,
+        max_num_tokens=args.max_num_tokens,
+        artefacts=artefacts,
+        profiles=profiles,
+        platform=platform,
+        parity=parity,
+    )
     served = ", ".join(f"{kind}: {artefact['file']}" for kind, artefact in artefacts.items())
     stage(f"manifest: {path} ({served}); total {time.perf_counter() - started:.1f} s")
     return 0

@@ -45,8 +45,14 @@ def _wordpiece_tokenizer(cased: bool) -> PreTrainedTokenizerFast:
     )
     tok.decoder = decoders.WordPiece(prefix="##")
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=MAX_LENGTH, do_lower_case=not cased,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=MAX_LENGTH,
+        do_lower_case=not cased,
     )
 
 
@@ -63,8 +69,15 @@ def _bpe_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        cls_token="<s>", sep_token="</s>", mask_token="<mask>", model_max_length=MAX_LENGTH,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+        model_max_length=MAX_LENGTH,
     )
 
 
@@ -86,16 +99,31 @@ def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0) -> 
     torch.manual_seed(seed)
     id2label = dict(enumerate(LABELS))
     label2id = {v: k for k, v in id2label.items()}
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 id2label=id2label, label2id=label2id)
+    small = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=id2label,
+        label2id=label2id,
+    )
     if kind == "bpe":
         tokenizer = _bpe_tokenizer()
-        config = RobertaConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH + 2, pad_token_id=1,
-                               bos_token_id=0, eos_token_id=2, type_vocab_size=1, **small)
+        config = RobertaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=MAX_LENGTH + 2,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            type_vocab_size=1,
+            **small,
+        )
         model = RobertaForTokenClassification(config)
     else:
         tokenizer = _wordpiece_tokenizer(cased=kind == "wordpiece-cased")
-        config = BertConfig(vocab_size=len(tokenizer) - embedding_shortfall, max_position_embeddings=MAX_LENGTH, pad_token_id=0, **small)
+        config = BertConfig(
+            vocab_size=len(tokenizer) - embedding_shortfall, max_position_embeddings=MAX_LENGTH, pad_token_id=0, **small
+        )
         model = BertForTokenClassification(config)
     _decisive(model, seed)
     model.eval()

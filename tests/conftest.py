@@ -89,12 +89,18 @@ class ServerProcess:
     def __init__(self, env: dict[str, str], cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'packages'}", "PORT": str(self.port),
-                    "NERSERVE_CONFIG": str(ROOT / "config.yaml"), **env}
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": f"{ROOT / 'packages'}",
+            "PORT": str(self.port),
+            "NERSERVE_CONFIG": str(ROOT / "config.yaml"),
+            **env,
+        }
         self.log_path = Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:  # the server keeps its own copy of the descriptor
-            self.process = subprocess.Popen([sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout

@@ -56,12 +56,23 @@ def cli_builds(build_checkpoints, tmp_path_factory) -> dict[str, tuple[subproces
     running = {}
     for kind, checkpoint in build_checkpoints.items():
         out = tmp_path_factory.mktemp("engine") / kind
-        command = [sys.executable, str(SCRIPT), "--checkpoint", str(checkpoint.path), "--out", str(out),
-                   "--max-num-tokens", str(MAX_NUM_TOKENS)]
+        command = [
+            sys.executable,
+            str(SCRIPT),
+            "--checkpoint",
+            str(checkpoint.path),
+            "--out",
+            str(out),
+            "--max-num-tokens",
+            str(MAX_NUM_TOKENS),
+        ]
         if kind == "wordpiece-uncased":  # random weights: F1 is near 0 either way, so no drop limit
             command += ["--precision", "int8", "--f1-sentences", "20", "--max-f1-drop", "100"]
-        running[kind] = (subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True), command, out)
+        running[kind] = (
+            subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            command,
+            out,
+        )
     results = {}
     for kind, (process, command, out) in running.items():
         stdout, stderr = process.communicate(timeout=300)
@@ -155,6 +166,7 @@ def test_half_precision_export_keeps_layer_norm_in_float32(build_checkpoints, tm
 
 # --- manifest: what is refused, and why ---------------------------------------------------------------
 
+
 @pytest.fixture()
 def engine_copy(cli_builds, tmp_path) -> Path:
     """A private copy of a built folder, free to tamper with."""
@@ -162,8 +174,9 @@ def engine_copy(cli_builds, tmp_path) -> Path:
 
 
 def test_unchanged_dir_is_served(engine_copy, build_checkpoints):
-    served = tensorrt_engine.load_engine_dir(engine_copy, build_checkpoints["wordpiece-cased"],
-                                             here=manifest_lib.Platform(None, None, None))
+    served = tensorrt_engine.load_engine_dir(
+        engine_copy, build_checkpoints["wordpiece-cased"], here=manifest_lib.Platform(None, None, None)
+    )
     assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32")
 
 
@@ -196,10 +209,18 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
     built_on = manifest_lib.Platform("NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
     (engine_copy / "model.plan").write_bytes(b"stand-in plan")
     manifest_lib.write_manifest(
-        engine_copy, checkpoint, None, precision="fp16", max_num_tokens=MAX_NUM_TOKENS, platform=built_on,
-        artefacts={"onnxruntime": {"file": onnx_export.ORT_OPTIMIZED_NAME, "precision": "fp32"},
-                   "tensorrt": {"file": "model.plan", "precision": "fp16"}},
-        profiles=profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens))
+        engine_copy,
+        checkpoint,
+        None,
+        precision="fp16",
+        max_num_tokens=MAX_NUM_TOKENS,
+        platform=built_on,
+        artefacts={
+            "onnxruntime": {"file": onnx_export.ORT_OPTIMIZED_NAME, "precision": "fp32"},
+            "tensorrt": {"file": "model.plan", "precision": "fp16"},
+        },
+        profiles=profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens),
+    )
     saved = json.loads((engine_copy / manifest_lib.MANIFEST_NAME).read_text())
     assert saved["gpu"]["gpu_name"] == built_on.gpu_name and saved["versions"]["tensorrt"] == "10.13.0"
     assert len(saved["profiles"]) == len(profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens))
@@ -219,6 +240,7 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
 
 
 # --- TensorRT profiles ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_num_tokens,max_len", [(16384, 512), (1024, 512), (512, 512), (100, 37), (64, 1), (7, 5)])
 def test_profile_ladder_covers_every_shape_in_budget(max_num_tokens, max_len):
@@ -244,6 +266,7 @@ def test_profile_ladder_refuses_a_budget_below_one_text():
 
 # --- the F1 measure the int8 build reports --------------------------------------------------------------
 
+
 def test_entity_spans_read_iob1_gold_and_iob2_predictions_alike():
     iob1 = ["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]
     iob2 = ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
@@ -255,8 +278,10 @@ def test_entity_spans_read_iob1_gold_and_iob2_predictions_alike():
 
 # --- TensorRT (GPU machines with the tensorrt package) -----------------------------------------------------
 
-@pytest.mark.skipif(_no_tensorrt_here() is not None,
-                    reason=f"needs a CUDA GPU and the tensorrt package: {_no_tensorrt_here()}")
+
+@pytest.mark.skipif(
+    _no_tensorrt_here() is not None, reason=f"needs a CUDA GPU and the tensorrt package: {_no_tensorrt_here()}"
+)
 def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp_path):
     from nerserve.engines.tensorrt_engine import TensorRTEngine, build_engine
 
@@ -272,12 +297,14 @@ def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp
         reference = OnnxRuntimeEngine(cli_builds["bpe"][1] / onnx_export.ORT_OPTIMIZED_NAME, pad)
         got, want = [], []
         for begin in range(0, len(sequences), 2):  # two texts of up to 512 tokens: within MAX_NUM_TOKENS
-            got += engine.run(sequences[begin: begin + 2])
-            want += reference.run(sequences[begin: begin + 2])
+            got += engine.run(sequences[begin : begin + 2])
+            want += reference.run(sequences[begin : begin + 2])
         tokens = sum(len(s) for s in sequences)
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want, strict=True))
         assert agree / tokens >= 0.99
-        assert max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True)) < onnx_export.TOLERANCES["fp16"][0]
+        assert (
+            max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True)) < onnx_export.TOLERANCES["fp16"][0]
+        )
         assert onnx_export.check_engine_against_torch(checkpoint, engine, shapes=((4, 200), (1, 0))).within("fp16")
     finally:
         engine.close()
@@ -298,8 +325,9 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
         request = parse_request({"inputs": texts, "aggregation_strategy": strategy, "truncate": True}, 1000)
         got, want = from_dir.predict(request), direct.predict(request)
         for text_got, text_want in zip(got, want, strict=True):
-            assert [(g["start"], g["end"], list(g["results"])) for g in text_got] == \
-                   [(w["start"], w["end"], list(w["results"])) for w in text_want]
+            assert [(g["start"], g["end"], list(g["results"])) for g in text_got] == [
+                (w["start"], w["end"], list(w["results"])) for w in text_want
+            ]
             for g, w in zip(text_got, text_want, strict=True):
                 assert abs(next(iter(g["results"].values())) - next(iter(w["results"].values()))) < 1e-4
     from_dir.close()

@@ -13,16 +13,28 @@ from test_parity import compare, oracle
 import corpus
 from conftest import ServerProcess, real_checkpoint
 
-SEED = {"inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
-        "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}
+SEED = {
+    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
+    "truncate": True,
+    "truncation_direction": "Right",
+    "raw_scores": False,
+    "aggregation_strategy": "max",
+}
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server(built):
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime",
-                             "API_KEY": KEY, "MAX_TEXTS": "100", "MAX_BODY_BYTES": str(256 * 1024)})
+    process = ServerProcess(
+        {
+            "CHECKPOINT": str(built("wordpiece-cased")),
+            "ENGINE": "onnxruntime",
+            "API_KEY": KEY,
+            "MAX_TEXTS": "100",
+            "MAX_BODY_BYTES": str(256 * 1024),
+        }
+    )
     first = None
     while first is None:  # the port opens before the model has loaded: /health must say so
         try:
@@ -77,7 +89,7 @@ def test_none_keeps_special_tokens_and_raw_scores_gives_every_label(server) -> N
     answer = post(server, {"inputs": ["Apple U.K."], "aggregation_strategy": "NONE", "raw_scores": True}).json()[0]
     assert answer[0]["token"] == "[CLS]" and answer[-1]["token"] == "[SEP]"
     assert all(len(item["results"]) == 9 for item in answer)
-    assert all(item["token"] == "Apple U.K."[item["start"]:item["end"]] for item in answer[1:-1])
+    assert all(item["token"] == "Apple U.K."[item["start"] : item["end"]] for item in answer[1:-1])
 
 
 def test_info_metrics_openapi(server) -> None:
@@ -85,15 +97,27 @@ def test_info_metrics_openapi(server) -> None:
     assert info["engine"] == "onnxruntime" and info["max_input_tokens"] == 512 and len(info["labels"]) == 9
     assert info["window_stride"] == 128 and info["max_num_tokens"] == 16384 and info["version"]
     metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
-    for name in ("nerserve_requests_total", "nerserve_texts_total", "nerserve_tokens_total", "nerserve_queue_depth",
-                 "nerserve_batch_size_bucket", "nerserve_request_seconds_bucket", "nerserve_engine_seconds_bucket"):
+    for name in (
+        "nerserve_requests_total",
+        "nerserve_texts_total",
+        "nerserve_tokens_total",
+        "nerserve_queue_depth",
+        "nerserve_batch_size_bucket",
+        "nerserve_request_seconds_bucket",
+        "nerserve_engine_seconds_bucket",
+    ):
         assert name in metrics
     spec = httpx.get(server.url + "/openapi.json").json()
     for path in ("/predict_tokens", "/predict", "/v1/models/model:predict", "/health", "/info", "/metrics"):
         assert path in spec["paths"]
     body = spec["paths"]["/predict_tokens"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert set(body["properties"]) == {"inputs", "aggregation_strategy", "raw_scores", "truncate",
-                                       "truncation_direction"}
+    assert set(body["properties"]) == {
+        "inputs",
+        "aggregation_strategy",
+        "raw_scores",
+        "truncate",
+        "truncation_direction",
+    }
 
 
 def test_request_id_and_timing_headers(server) -> None:

@@ -31,15 +31,21 @@ def service(path: str, engine: str) -> NerService:
 
 
 @functools.cache
-def oracle(path: str, strategy: str, truncation_side: str = "right", stride: int | None = None,
-           texts: tuple[str, ...] = tuple(TEXTS)) -> list[list[dict]]:
+def oracle(
+    path: str,
+    strategy: str,
+    truncation_side: str = "right",
+    stride: int | None = None,
+    texts: tuple[str, ...] = tuple(TEXTS),
+) -> list[list[dict]]:
     """The pipeline's answers (cached: several engines compare against the same ones)."""
     tokenizer = AutoTokenizer.from_pretrained(path, truncation_side=truncation_side)
     extra = {"ignore_labels": []} if strategy == "none" else {}
     if stride is not None:
         extra["stride"] = stride
-    classifier = pipeline("token-classification", model=path, tokenizer=tokenizer, aggregation_strategy=strategy,
-                          **extra)
+    classifier = pipeline(
+        "token-classification", model=path, tokenizer=tokenizer, aggregation_strategy=strategy, **extra
+    )
     return [list(answer) for answer in classifier(list(texts), batch_size=16)]
 
 
@@ -56,7 +62,7 @@ def compare(want: list[list[dict]], got: list[list[dict]], texts: list[str], tol
         answered_spans = [(a["start"], a["end"], next(iter(a["results"]))) for a in answered]
         assert answered_spans == expected_spans, f"text {text[:60]!r}"
         for e, a in zip(expected, answered, strict=True):
-            assert a["token"] == text[a["start"]:a["end"]]
+            assert a["token"] == text[a["start"] : a["end"]]
             worst = max(worst, abs(float(e["score"]) - next(iter(a["results"].values()))))
         items += len(expected)
     assert worst <= tolerance, f"largest score difference {worst:.2e} > {tolerance}"
@@ -77,8 +83,9 @@ def test_grouped_strategies_equal_pipeline(built, kind: str, engine: str) -> Non
         got = ours(path, engine, TEXTS, aggregation_strategy=strategy, truncate=True)
         items, worst = compare(oracle(path, strategy), got, TEXTS, TOLERANCE[engine])
         assert items > 500, "the checkpoint should produce many entities"
-        record(f"{kind:18} {engine:12} {strategy:8} {len(TEXTS)} texts, {items} entities equal, "
-               f"max score diff {worst:.1e}")
+        record(
+            f"{kind:18} {engine:12} {strategy:8} {len(TEXTS)} texts, {items} entities equal, max score diff {worst:.1e}"
+        )
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
@@ -115,8 +122,9 @@ def test_left_truncation_equals_pipeline(built, kind: str) -> None:
     path = str(built(kind))
     long_texts = [t for t in TEXTS if len(t) > 2000] + TEXTS[:10]
     for strategy in ("simple", "max"):
-        got = ours(path, "onnxruntime", long_texts, aggregation_strategy=strategy, truncate=True,
-                   truncation_direction="LEFT")
+        got = ours(
+            path, "onnxruntime", long_texts, aggregation_strategy=strategy, truncate=True, truncation_direction="LEFT"
+        )
         want = oracle(path, strategy, truncation_side="left", texts=tuple(long_texts))
         items, worst = compare(want, got, long_texts, TOLERANCE["onnxruntime"])
         record(f"{kind:18} onnxruntime  {strategy:8} truncate Left: {len(long_texts)} texts, {items} entities equal")
@@ -133,8 +141,10 @@ def test_overlong_texts_equal_pipeline_with_stride(built, kind: str) -> None:
         items, worst = compare(want, got, long_texts, TOLERANCE["onnxruntime"])
         # whole text read: entities beyond the first window exist
         assert max(a["end"] for a in got[0]) > max(a["end"] for a in oracle(path, strategy, texts=tuple(long_texts))[0])
-        record(f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.settings.window_stride}): "
-               f"{len(long_texts)} texts, {items} entities equal, max score diff {worst:.1e}")
+        record(
+            f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.settings.window_stride}): "
+            f"{len(long_texts)} texts, {items} entities equal, max score diff {worst:.1e}"
+        )
 
 
 def test_overlong_none_reads_every_token_once_from_its_most_central_window(built) -> None:
@@ -148,8 +158,9 @@ def test_overlong_none_reads_every_token_once_from_its_most_central_window(built
     assert [t["token_id"] for t in got] == full["input_ids"]
     assert [(t["start"], t["end"]) for t in got] == [tuple(o) for o in full["offset_mapping"]]
     stride = svc.settings.window_stride
-    windows = tokenizer(text, truncation=True, stride=stride, return_overflowing_tokens=True, padding=True,
-                        return_tensors="pt")
+    windows = tokenizer(
+        text, truncation=True, stride=stride, return_overflowing_tokens=True, padding=True, return_tensors="pt"
+    )
     windows.pop("overflow_to_sample_mapping", None)
     model = AutoModelForTokenClassification.from_pretrained(path).eval()
     probs = model(**windows).logits.softmax(-1).detach().numpy()
@@ -157,8 +168,11 @@ def test_overlong_none_reads_every_token_once_from_its_most_central_window(built
     step = content - stride
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     for position, item in enumerate(got[1:-1]):
-        candidates = [(min(position - k * step, k * step + content - 1 - position), -k)
-                      for k in range(len(probs)) if 0 <= position - k * step < content]
+        candidates = [
+            (min(position - k * step, k * step + content - 1 - position), -k)
+            for k in range(len(probs))
+            if 0 <= position - k * step < content
+        ]
         window = -max(candidates)[1]
         row = probs[window, 1 + position - window * step]
         assert item["results"] == pytest.approx({labels[int(row.argmax())]: float(row.max())}, abs=1e-4)
@@ -172,9 +186,16 @@ def test_shared_real_checkpoint_equals_pipeline() -> None:
         if strategy == "none":
             got = content_tokens(got, path)
         items, worst = compare(oracle(path, strategy), got, TEXTS, TOLERANCE["onnxruntime"])
-        record(f"{'minilm-l6-conll03':18} onnxruntime  {strategy:8} {len(TEXTS)} texts, {items} items equal, "
-               f"max score diff {worst:.1e}")
-    seed = ours(path, "onnxruntime", ["Apple is looking at buying U.K. startup for $1 billion"],
-                aggregation_strategy="max", truncate=True)[0]
+        record(
+            f"{'minilm-l6-conll03':18} onnxruntime  {strategy:8} {len(TEXTS)} texts, {items} items equal, "
+            f"max score diff {worst:.1e}"
+        )
+    seed = ours(
+        path,
+        "onnxruntime",
+        ["Apple is looking at buying U.K. startup for $1 billion"],
+        aggregation_strategy="max",
+        truncate=True,
+    )[0]
     # The pipeline's answer (checked equal above): "." tokens are O, so U.K. comes out as two LOC entities.
     assert [(e["token"], next(iter(e["results"]))) for e in seed] == [("Apple", "ORG"), ("U", "LOC"), ("K", "LOC")]

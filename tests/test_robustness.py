@@ -46,8 +46,12 @@ def server(built):
 
 def post(url: str, body, headers=None, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(url + "/predict_tokens", content=content, timeout=timeout,
-                      headers={"content-type": "application/json", **(headers or {})})
+    return httpx.post(
+        url + "/predict_tokens",
+        content=content,
+        timeout=timeout,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 def hostile_inputs() -> list[tuple[str, bytes, dict, set[int]]]:
@@ -70,17 +74,25 @@ def hostile_inputs() -> list[tuple[str, bytes, dict, set[int]]]:
         ("huge integer", b'{"inputs": ["a"], "truncate": 1e400}', {}, {400, 422}),
     ]
     for strategy in ("MAX", "Simple", "aVeRaGe", "NONE", "first"):
-        cases.append((f"strategy {strategy}", json.dumps({"inputs": "a", "aggregation_strategy": strategy}).encode(),
-                      {}, {200}))
+        cases.append(
+            (f"strategy {strategy}", json.dumps({"inputs": "a", "aggregation_strategy": strategy}).encode(), {}, {200})
+        )
     for direction in ("LEFT", "right", "Right"):
-        cases.append((f"direction {direction}", json.dumps({"inputs": "a", "truncate": True,
-                                                            "truncation_direction": direction}).encode(), {}, {200}))
-    wrong_values = [None, 0, -1, -10**30, 10**30, 3.5, "", "x", [], {}, [1], True]
+        cases.append(
+            (
+                f"direction {direction}",
+                json.dumps({"inputs": "a", "truncate": True, "truncation_direction": direction}).encode(),
+                {},
+                {200},
+            )
+        )
+    wrong_values = [None, 0, -1, -(10**30), 10**30, 3.5, "", "x", [], {}, [1], True]
     for field in ("inputs", "aggregation_strategy", "raw_scores", "truncate", "truncation_direction"):
         for value in wrong_values:
             body = {"inputs": ["a"], field: value}
             valid = (field in ("raw_scores", "truncate") and isinstance(value, bool)) or (
-                field == "inputs" and isinstance(value, str))
+                field == "inputs" and isinstance(value, str)
+            )
             cases.append((f"{field}={value!r}"[:40], json.dumps(body).encode(), {}, {200} if valid else {422}))
     return cases
 
@@ -102,7 +114,7 @@ def test_battery_of_hostile_inputs(server) -> None:
 def test_nul_and_control_characters_keep_exact_spans(server) -> None:
     text = "Apple\u0000Inc\u0001 and\u001b Google"
     for item in post(server.url, {"inputs": text}).json()[0][1:-1]:
-        assert item["token"] == text[item["start"]:item["end"]]
+        assert item["token"] == text[item["start"] : item["end"]]
 
 
 def test_fuzzing_from_openapi(server) -> None:
@@ -150,8 +162,11 @@ def test_vanished_client_leaves_no_stuck_work(server) -> None:
     body = json.dumps({"inputs": [corpus.long_text(random.Random(1), 400)] * 200}).encode()
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"POST /predict_tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                b"POST /predict_tokens HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             time.sleep(0.05)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -165,8 +180,14 @@ def test_vanished_client_leaves_no_stuck_work(server) -> None:
 
 def test_backpressure_and_timeouts(built) -> None:
     """A tiny queue refuses whole requests with 429 + Retry-After; a tiny timeout answers 504."""
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "QUEUE_SIZE": "4",
-                             "REQUEST_TIMEOUT_S": "0.05"})
+    process = ServerProcess(
+        {
+            "CHECKPOINT": str(built("wordpiece-cased")),
+            "ENGINE": "onnxruntime",
+            "QUEUE_SIZE": "4",
+            "REQUEST_TIMEOUT_S": "0.05",
+        }
+    )
     try:
         process.wait_ready()
         texts = [corpus.long_text(random.Random(i), 300) for i in range(4)]
@@ -200,8 +221,9 @@ def test_backpressure_and_timeouts(built) -> None:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(built) -> None:
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime",
-                             "SHUTDOWN_GRACE_S": "1"})
+    process = ServerProcess(
+        {"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "SHUTDOWN_GRACE_S": "1"}
+    )
     process.wait_ready()
     texts = corpus.texts()[:16]
     results: list = []  # list.append is atomic across threads; a Counter's += is not

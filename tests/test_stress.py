@@ -37,8 +37,11 @@ def requests_mix(seed: int = 5) -> list[dict]:
     bodies = []
     for _ in range(60):
         size = rng.choice([1, 1, 2, 8, 32])
-        body = {"inputs": rng.sample(texts, size), "aggregation_strategy": rng.choice(
-            ["none", "simple", "first", "average", "max"]), "truncate": rng.random() < 0.5}
+        body = {
+            "inputs": rng.sample(texts, size),
+            "aggregation_strategy": rng.choice(["none", "simple", "first", "average", "max"]),
+            "truncate": rng.random() < 0.5,
+        }
         bodies.append(body)
     return bodies
 
@@ -54,14 +57,14 @@ def same_answer(got: list, want: list, tolerance: float = 1e-4) -> bool:
             if {k: v for k, v in a.items() if k != "results"} != {k: v for k, v in b.items() if k != "results"}:
                 return False
             if list(a["results"]) != list(b["results"]) or any(
-                    abs(a["results"][k] - b["results"][k]) > tolerance for k in a["results"]):
+                abs(a["results"][k] - b["results"][k]) > tolerance for k in a["results"]
+            ):
                 return False
     return True
 
 
 def test_load_64_clients_mixed(built) -> None:
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime",
-                             "QUEUE_SIZE": "512"})
+    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "QUEUE_SIZE": "512"})
     process.wait_ready()
     try:
         bodies = requests_mix()
@@ -77,8 +80,11 @@ def test_load_64_clients_mixed(built) -> None:
             with httpx.Client(base_url=process.url, timeout=120) as client:
                 while time.time() < deadline:
                     index = rng.randrange(len(bodies))
-                    response = client.post("/predict_tokens", content=json.dumps(bodies[index]),
-                                           headers={"content-type": "application/json"})
+                    response = client.post(
+                        "/predict_tokens",
+                        content=json.dumps(bodies[index]),
+                        headers={"content-type": "application/json"},
+                    )
                     equal = response.status_code == 200 and same_answer(response.json(), alone[index])
                     results.append((response.status_code, equal))
 
@@ -92,10 +98,12 @@ def test_load_64_clients_mixed(built) -> None:
         after = rss_bytes(process.process.pid)
         statuses = Counter(status for status, _ in results)
         unequal = sum(1 for status, equal in results if status == 200 and not equal)
-        record(f"load: {CLIENTS} clients x {SECONDS:.0f}s: {len(results)} requests, by status "
-               f"{dict(sorted(statuses.items()))}, {unequal} answers unequal to the request alone; "
-               f"RSS {idle / 2**20:.0f} MiB idle, {warm / 2**20:.0f} MiB after {WARMUP:.0f}s of load, "
-               f"{after / 2**20:.0f} MiB at the end")
+        record(
+            f"load: {CLIENTS} clients x {SECONDS:.0f}s: {len(results)} requests, by status "
+            f"{dict(sorted(statuses.items()))}, {unequal} answers unequal to the request alone; "
+            f"RSS {idle / 2**20:.0f} MiB idle, {warm / 2**20:.0f} MiB after {WARMUP:.0f}s of load, "
+            f"{after / 2**20:.0f} MiB at the end"
+        )
         assert set(statuses) <= {200, 429} and statuses[200] > CLIENTS, statuses
         assert unequal == 0
         assert after <= warm * 1.10 + 32 * 2**20, (warm, after)

@@ -17,14 +17,36 @@ from packaging.requirements import Requirement
 from truss.base.truss_config import TrussConfig
 
 REPO = Path(__file__).resolve().parent.parent
-SEED = {"inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
-        "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}
-SETTINGS = ("checkpoint", "revision", "engine", "engine_dir", "precision", "max_num_tokens", "window_stride",
-            "max_texts", "max_body_bytes", "queue_size", "batch_wait_ms", "request_timeout_s", "api_key", "port")
+SEED = {
+    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
+    "truncate": True,
+    "truncation_direction": "Right",
+    "raw_scores": False,
+    "aggregation_strategy": "max",
+}
+SETTINGS = (
+    "checkpoint",
+    "revision",
+    "engine",
+    "engine_dir",
+    "precision",
+    "max_num_tokens",
+    "window_stride",
+    "max_texts",
+    "max_body_bytes",
+    "queue_size",
+    "batch_wait_ms",
+    "request_timeout_s",
+    "api_key",
+    "port",
+)
 # What start.sh and the server need in the image (APP_HOME is /app, packages/ goes to /packages).
-IMAGE_PATHS = {"/app/model/start.sh": "model/start.sh", "/app/config.yaml": "config.yaml",
-               "/packages/build_engine.py": "packages/build_engine.py",
-               "/packages/nerserve/server.py": "packages/nerserve/server.py"}
+IMAGE_PATHS = {
+    "/app/model/start.sh": "model/start.sh",
+    "/app/config.yaml": "config.yaml",
+    "/packages/build_engine.py": "packages/build_engine.py",
+    "/packages/nerserve/server.py": "packages/nerserve/server.py",
+}
 
 
 def _truss_cli() -> str:
@@ -41,6 +63,7 @@ def _pins(lines: list[str]) -> dict[str, Requirement]:
 
 # --- config.yaml, validated as `truss push` does --------------------------------------------------------
 
+
 def test_config_passes_push_validation():
     # `truss push` loads the folder (TrussHandle validates it) and, before uploading, re-parses the
     # config with extra fields forbidden (BasetenRemote._prepare_push -> validate_forbid_extra).
@@ -50,7 +73,10 @@ def test_config_passes_push_validation():
 
     server = config.docker_server
     assert (server.predict_endpoint, server.readiness_endpoint, server.liveness_endpoint) == (
-        "/predict_tokens", "/health", "/health")
+        "/predict_tokens",
+        "/health",
+        "/health",
+    )
     assert server.server_port == config.model_metadata["port"] != 8080  # 8080 is Baseten's proxy
     assert config.resources.accelerator.accelerator.value == "H100"
     assert "hf_access_token" in config.secrets
@@ -77,11 +103,13 @@ def test_image_pins_match_runtime_pins():
         image.update(_pins([word for word in command.split() if "==" in word]))
     local = _pins((REPO / "requirements.txt").read_text().splitlines())
     assert {name: str(req) for name, req in local.items() if name != "torch"} == {
-        name: str(image[name]) for name in local if name != "torch" and name in image}
+        name: str(image[name]) for name in local if name != "torch" and name in image
+    }
     assert not set(local) - set(image), "pins of requirements.txt missing from config.yaml"
 
 
 # --- the build context Truss generates (no Docker needed) -----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory) -> Path:
@@ -93,16 +121,27 @@ def context(tmp_path_factory) -> Path:
     (repo / "data" / "engine").mkdir(parents=True, exist_ok=True)
     (repo / "data" / "engine" / "manifest.json").write_text("{}")
     env = {**os.environ, "HOME": str(root / "home")}  # truss writes its gathered copy under ~/.truss
-    subprocess.run([_truss_cli(), "image", "build-context", str(root / "context"), "."], cwd=repo, env=env,
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [_truss_cli(), "image", "build-context", str(root / "context"), "."],
+        cwd=repo,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return root / "context"
 
 
 def test_context_copies_the_project_into_the_image(context):
     dockerfile = (context / "Dockerfile").read_text()
     assert "ENV APP_HOME=/app" in dockerfile
-    for copy in ("./data ${APP_HOME}/data", "./model ${APP_HOME}/model", "./packages /packages",
-                 "./config.yaml ${APP_HOME}/config.yaml"):
+    for copy in (
+        "./data ${APP_HOME}/data",
+        "./model ${APP_HOME}/model",
+        "./packages /packages",
+        "./config.yaml ${APP_HOME}/config.yaml",
+    ):
         assert f" {copy}\n" in dockerfile + "\n", f"Dockerfile lacks COPY {copy}"
     assert (context / "data" / "engine" / "manifest.json").is_file()
     for folder, into in (("model", "model"), ("packages", "packages"), ("build", "packages")):
@@ -136,6 +175,7 @@ def test_requirements_install_under_truss_constraints(context):
 
 # --- model/start.sh, run with a fake GPU ----------------------------------------------------------------
 
+
 @pytest.fixture
 def app(tmp_path) -> Path:
     """An /app-like folder (config.yaml, model/start.sh) plus a fake python: `-m nerserve.server` prints
@@ -152,11 +192,14 @@ def app(tmp_path) -> Path:
         "p.add_argument('--max-num-tokens'); p.add_argument('--precision'); p.add_argument('--out')\n"
         "a = p.parse_args()\n"
         f"open({str(tmp_path / 'builds.log')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-        "(pathlib.Path(a.out) / 'manifest.json').write_text('{}')\n")
+        "(pathlib.Path(a.out) / 'manifest.json').write_text('{}')\n"
+    )
     python = tmp_path / "python"
-    python.write_text('#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then\n'
-                      '  echo "ENGINE_DIR=${ENGINE_DIR:-}"; exit 0\nfi\n'
-                      f'exec {sys.executable} "$@"\n')
+    python.write_text(
+        '#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then\n'
+        '  echo "ENGINE_DIR=${ENGINE_DIR:-}"; exit 0\nfi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
     python.chmod(0o755)
     return app
 
@@ -170,17 +213,26 @@ def _with_gpu(fakes: Path) -> None:
     (fakes / "sitecustomize.py").write_text(
         "import torch\ntorch.cuda.is_available = lambda: True\n"
         f"torch.cuda.get_device_name = lambda i=0: {GPU['gpu_name']!r}\n"
-        "torch.cuda.get_device_capability = lambda i=0: (9, 0)\n")
+        "torch.cuda.get_device_capability = lambda i=0: (9, 0)\n"
+    )
 
 
 def _start(app: Path, **env: str) -> tuple[str, list[list[str]]]:
     """Run start.sh; return the ENGINE_DIR the server would get and the engine builds it ran."""
     root = app.parent
-    inherited = {k: v for k, v in os.environ.items() if k not in ("NERSERVE_CONFIG", "ENGINE", "ENGINE_DIR", "CHECKPOINT")}
-    environ = {**inherited, "PYTHON_EXECUTABLE": str(root / "python"), "ENGINE_CACHE_DIR": str(root / "cache"),
-               "PYTHONPATH": f"{root / 'fakes'}:{REPO / 'packages'}", **env}
-    done = subprocess.run(["sh", str(app / "model" / "start.sh")], env=environ, capture_output=True, text=True,
-                          timeout=300)
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("NERSERVE_CONFIG", "ENGINE", "ENGINE_DIR", "CHECKPOINT")
+    }
+    environ = {
+        **inherited,
+        "PYTHON_EXECUTABLE": str(root / "python"),
+        "ENGINE_CACHE_DIR": str(root / "cache"),
+        "PYTHONPATH": f"{root / 'fakes'}:{REPO / 'packages'}",
+        **env,
+    }
+    done = subprocess.run(
+        ["sh", str(app / "model" / "start.sh")], env=environ, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     log = root / "builds.log"
     builds = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -202,8 +254,12 @@ def test_start_builds_the_engine_once_into_the_cache(app):
 def test_start_uses_a_fitting_engine_shipped_in_data(app):
     _with_gpu(app.parent / "fakes")
     (app / "data" / "engine").mkdir(parents=True)
-    manifest = {"format": 1, "artefacts": {"tensorrt": {}}, "gpu": GPU,
-                "checkpoint": {"id": "dslim/bert-base-NER-uncased"}}
+    manifest = {
+        "format": 1,
+        "artefacts": {"tensorrt": {}},
+        "gpu": GPU,
+        "checkpoint": {"id": "dslim/bert-base-NER-uncased"},
+    }
     (app / "data" / "engine" / "manifest.json").write_text(json.dumps(manifest))
     assert _start(app) == (str(app / "data" / "engine"), [])
     manifest["gpu"] = {**GPU, "tensorrt_version": "10.13.3.9"}  # built by another TensorRT: rebuild
@@ -220,6 +276,7 @@ def test_start_builds_nothing_without_a_gpu_or_for_another_engine(app):
 
 # --- the Model class in-process --------------------------------------------------------------------------
 
+
 def test_truss_load_predicts_in_process(tmp_path, monkeypatch):
     if not (REPO / "model" / "model.py").exists():
         pytest.skip("model/model.py (the Truss Model class) is not written yet")
@@ -232,5 +289,5 @@ def test_truss_load_predicts_in_process(tmp_path, monkeypatch):
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], list)
     for item in out[0]:
         assert set(item) == {"token", "token_id", "start", "end", "results"}
-        assert item["token"] == text[item["start"]:item["end"]] and item["token_id"] == 0
+        assert item["token"] == text[item["start"] : item["end"]] and item["token_id"] == 0
         assert item["results"] and all(isinstance(v, float) for v in item["results"].values())

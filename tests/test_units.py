@@ -44,17 +44,24 @@ def test_plan_batches_fills_the_budget() -> None:
 
 
 def test_settings_environment_overrides_metadata() -> None:
-    settings = Settings.load({"checkpoint": "a/b", "max_num_tokens": 4096, "batch_wait_ms": 1},
-                             environ={"MAX_NUM_TOKENS": "8192", "ENGINE": "torch", "HF_TOKEN": "t"})
-    assert (settings.checkpoint, settings.max_num_tokens, settings.engine, settings.hf_token) == ("a/b", 8192,
-                                                                                                   "torch", "t")
+    settings = Settings.load(
+        {"checkpoint": "a/b", "max_num_tokens": 4096, "batch_wait_ms": 1},
+        environ={"MAX_NUM_TOKENS": "8192", "ENGINE": "torch", "HF_TOKEN": "t"},
+    )
+    assert (settings.checkpoint, settings.max_num_tokens, settings.engine, settings.hf_token) == (
+        "a/b",
+        8192,
+        "torch",
+        "t",
+    )
     with pytest.raises(ValueError, match="engine"):
         Settings.load({"engine": "tensorflow"}, environ={})
 
 
 def test_parse_request_normalizes_and_refuses() -> None:
-    request = parse_request({"inputs": ["a", ["b", "c"]], "aggregation_strategy": "MAX",
-                             "truncation_direction": "LEFT"}, max_texts=10)
+    request = parse_request(
+        {"inputs": ["a", ["b", "c"]], "aggregation_strategy": "MAX", "truncation_direction": "LEFT"}, max_texts=10
+    )
     assert request.texts() == ["a", "b", "c"]
     assert (request.aggregation_strategy, request.truncation_direction) == ("max", "left")
     with pytest.raises(Empty):

@@ -94,8 +94,9 @@ class Aggregator:
 
     # ---- grouped strategies -------------------------------------------------------------------
 
-    def grouped(self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray],
-                strategy: str) -> list[list[dict]]:
+    def grouped(
+        self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray], strategy: str
+    ) -> list[list[dict]]:
         """Entities of each text, as the pipeline returns them (ignored groups dropped, windows merged).
 
         The pipeline aggregates each window on its own, so every window's first token starts a word
@@ -137,19 +138,26 @@ class Aggregator:
         names = self.scheme.groups
         items = [
             {"token": texts[t][s:e], "token_id": 0, "start": s, "end": e, "results": {names[g]: v}}
-            for t, s, e, g, v in zip(entity_text.tolist(), entity_starts.tolist(), entity_ends.tolist(),
-                                     entity_labels.tolist(), entity_scores.tolist(), strict=True)
+            for t, s, e, g, v in zip(
+                entity_text.tolist(),
+                entity_starts.tolist(),
+                entity_ends.tolist(),
+                entity_labels.tolist(),
+                entity_scores.tolist(),
+                strict=True,
+            )
         ]
         bounds = np.searchsorted(entity_text, np.arange(len(texts) + 1)).tolist()
-        out = [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
+        out = [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
         for t in (t for t, text_windows in enumerate(windows) if len(text_windows) > 1 and out[t]):
             lo, hi = bounds[t], bounds[t + 1]
             kept = _merge_overlaps(entity_starts[lo:hi], entity_ends[lo:hi], entity_scores[lo:hi])
             out[t] = [out[t][i] for i in kept.tolist()]
         return out
 
-    def _is_subword(self, texts: list[str], text_of_token: np.ndarray, ids: np.ndarray, starts: np.ndarray,
-                    ends: np.ndarray) -> np.ndarray:
+    def _is_subword(
+        self, texts: list[str], text_of_token: np.ndarray, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray
+    ) -> np.ndarray:
         if self.tokenizer.has_subword_prefix:
             subword = self.tokenizer.token_lengths[ids] != (ends - starts)
         else:
@@ -164,8 +172,9 @@ class Aggregator:
 
     # ---- token level --------------------------------------------------------------------------
 
-    def tokens(self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray],
-               raw_scores: bool) -> list[list[dict]]:
+    def tokens(
+        self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray], raw_scores: bool
+    ) -> list[list[dict]]:
         """Every token of each text once, special tokens included, with its top label's probability or
         all logits; an over-long text's windows are stitched into one sequence first."""
         table = TokenTable.of(windows, logits)
@@ -174,21 +183,32 @@ class Aggregator:
         text_of_token = table.text_of_window[table.window]
         top = table.values.argmax(axis=-1)
         vocab, labels = self.tokenizer.vocab, self.scheme.labels
-        names = [vocab[i] if special else texts[t][a:b] for t, i, special, a, b in zip(
-            text_of_token.tolist(), table.ids.tolist(), table.special.tolist(), table.starts.tolist(),
-            table.ends.tolist(), strict=True)]
+        names = [
+            vocab[i] if special else texts[t][a:b]
+            for t, i, special, a, b in zip(
+                text_of_token.tolist(),
+                table.ids.tolist(),
+                table.special.tolist(),
+                table.starts.tolist(),
+                table.ends.tolist(),
+                strict=True,
+            )
+        ]
         if raw_scores:
-            results: list[Any] = [_raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist(), strict=True)]
+            results: list[Any] = [
+                _raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist(), strict=True)
+            ]
         else:
             best = softmax(table.values)[np.arange(len(top)), top].tolist()
             results = [{labels[t]: p} for t, p in zip(top.tolist(), best, strict=True)]
         items = [
             {"token": name, "token_id": i, "start": a, "end": b, "results": r}
-            for name, i, a, b, r in zip(names, table.ids.tolist(), table.starts.tolist(), table.ends.tolist(),
-                                        results, strict=True)
+            for name, i, a, b, r in zip(
+                names, table.ids.tolist(), table.starts.tolist(), table.ends.tolist(), results, strict=True
+            )
         ]
         bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
-        return [items[bounds[t]:bounds[t + 1]] for t in range(len(texts))]
+        return [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
 
     def _stitched(self, windows: list[list[Window]], logits: list[np.ndarray], table: TokenTable) -> TokenTable:
         """The table with each over-long text's windows replaced by its stitched sequence (one window)."""
@@ -196,22 +216,33 @@ class Aggregator:
         rows_per_window = np.bincount(table.window, minlength=len(table.text_of_window))
         for text_windows in windows:
             count = len(text_windows)
-            size = int(rows_per_window[cursor:cursor + count].sum())
+            size = int(rows_per_window[cursor : cursor + count].sum())
             if count == 1:
-                pieces.append((table.ids[row:row + size], table.starts[row:row + size], table.ends[row:row + size],
-                               table.special[row:row + size], table.values[row:row + size]))
+                pieces.append(
+                    (
+                        table.ids[row : row + size],
+                        table.starts[row : row + size],
+                        table.ends[row : row + size],
+                        table.special[row : row + size],
+                        table.values[row : row + size],
+                    )
+                )
             else:
-                ids, offsets, special, values = _stitch(text_windows, logits[cursor:cursor + count],
-                                                        self.tokenizer.window_stride)
+                ids, offsets, special, values = _stitch(
+                    text_windows, logits[cursor : cursor + count], self.tokenizer.window_stride
+                )
                 pieces.append((ids, offsets[:, 0], offsets[:, 1], special, values))
             cursor += count
             row += size
         lengths = [len(piece[0]) for piece in pieces]
         return TokenTable(
-            ids=np.concatenate([p[0] for p in pieces]), starts=np.concatenate([p[1] for p in pieces]),
-            ends=np.concatenate([p[2] for p in pieces]), special=np.concatenate([p[3] for p in pieces]),
+            ids=np.concatenate([p[0] for p in pieces]),
+            starts=np.concatenate([p[1] for p in pieces]),
+            ends=np.concatenate([p[2] for p in pieces]),
+            special=np.concatenate([p[3] for p in pieces]),
             values=np.concatenate([p[4] for p in pieces]),
-            window=np.repeat(np.arange(len(windows)), lengths), text_of_window=np.arange(len(windows)),
+            window=np.repeat(np.arange(len(windows)), lengths),
+            text_of_window=np.arange(len(windows)),
         )
 
 

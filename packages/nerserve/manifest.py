@@ -21,8 +21,16 @@ from .checkpoint import Checkpoint
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
 
 
 def file_sha256(path: Path) -> str:
@@ -74,19 +82,31 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def write_manifest(out_dir: Path, checkpoint: Checkpoint, revision: str | None, *, precision: str,
-                   max_num_tokens: int, artefacts: dict[str, dict[str, str]],
-                   profiles: list[tuple[tuple[int, int], ...]] | None = None,
-                   platform: Platform | None = None, parity: dict[str, Any] | None = None) -> Path:
+def write_manifest(
+    out_dir: Path,
+    checkpoint: Checkpoint,
+    revision: str | None,
+    *,
+    precision: str,
+    max_num_tokens: int,
+    artefacts: dict[str, dict[str, str]],
+    profiles: list[tuple[tuple[int, int], ...]] | None = None,
+    platform: Platform | None = None,
+    parity: dict[str, Any] | None = None,
+) -> Path:
     """Write `out_dir/manifest.json` describing the files now in `out_dir`.
 
     `artefacts` maps an engine kind ("onnxruntime", "tensorrt") to {"file": name, "precision": p}:
     the file that kind serves. `platform` is recorded only when a TensorRT plan was built (the ONNX
     files run anywhere). Every other file in the folder is hashed so any change is detected."""
-    tokenizer_files = {name: file_sha256(checkpoint.path / name) for name in _TOKENIZER_FILES
-                       if (checkpoint.path / name).is_file()}
-    files = {p.name: file_sha256(p) for p in sorted(out_dir.iterdir())
-             if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".cache")}
+    tokenizer_files = {
+        name: file_sha256(checkpoint.path / name) for name in _TOKENIZER_FILES if (checkpoint.path / name).is_file()
+    }
+    files = {
+        p.name: file_sha256(p)
+        for p in sorted(out_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".cache")
+    }
     for kind, artefact in artefacts.items():
         if artefact["file"] not in files:
             raise ValueError(f"artefact for {kind} ({artefact['file']}) is not in {out_dir}")
@@ -134,8 +154,10 @@ def verify_files(engine_dir: Path, manifest: dict[str, Any]) -> None:
             raise ValueError(f"engine dir {engine_dir}: {name} listed in the manifest is missing")
         actual = file_sha256(path)
         if actual != expected:
-            raise ValueError(f"engine dir {engine_dir}: {name} was modified after the build "
-                             f"(sha256 {actual[:12]}…, manifest says {expected[:12]}…); rebuild the engine")
+            raise ValueError(
+                f"engine dir {engine_dir}: {name} was modified after the build "
+                f"(sha256 {actual[:12]}…, manifest says {expected[:12]}…); rebuild the engine"
+            )
 
 
 def verify_checkpoint(engine_dir: Path, manifest: dict[str, Any], checkpoint: Checkpoint) -> None:
@@ -146,10 +168,13 @@ def verify_checkpoint(engine_dir: Path, manifest: dict[str, Any], checkpoint: Ch
             f"engine dir {engine_dir} was built from checkpoint {built['id']!r} "
             f"(revision {built['revision'] or 'main'}, sha256 {built['sha256'][:12]}…), "
             f"but the server loaded {checkpoint.name!r} (sha256 {checkpoint.sha256[:12]}…): "
-            "the weights or tokenizer differ; rebuild the engine for this checkpoint")
+            "the weights or tokenizer differ; rebuild the engine for this checkpoint"
+        )
     if tuple(manifest["labels"]) != checkpoint.labels:
-        raise ValueError(f"engine dir {engine_dir}: labels {manifest['labels']} differ from the checkpoint's "
-                         f"{list(checkpoint.labels)}")
+        raise ValueError(
+            f"engine dir {engine_dir}: labels {manifest['labels']} differ from the checkpoint's "
+            f"{list(checkpoint.labels)}"
+        )
 
 
 def verify_platform(engine_dir: Path, manifest: dict[str, Any], here: Platform) -> None:
@@ -161,13 +186,15 @@ def verify_platform(engine_dir: Path, manifest: dict[str, Any], here: Platform) 
         raise ValueError(
             f"engine dir {engine_dir}: the TensorRT plan was built for {built.get('gpu_name')} (compute capability "
             f"{built.get('compute_capability')}), this machine has {here.gpu_name} (compute capability "
-            f"{here.compute_capability}); rebuild the engine on this GPU")
+            f"{here.compute_capability}); rebuild the engine on this GPU"
+        )
     if here.tensorrt_version is None:
         raise ValueError(f"engine dir {engine_dir} holds a TensorRT plan but the tensorrt package is not installed")
     if built.get("tensorrt_version") != here.tensorrt_version:
         raise ValueError(
             f"engine dir {engine_dir}: the TensorRT plan was built with TensorRT {built.get('tensorrt_version')}, "
-            f"this machine has TensorRT {here.tensorrt_version}; plans only load in the version that built them")
+            f"this machine has TensorRT {here.tensorrt_version}; plans only load in the version that built them"
+        )
 
 
 def verify(engine_dir: Path, checkpoint: Checkpoint, here: Platform | None = None) -> dict[str, Any]:
@@ -190,8 +217,9 @@ class EngineArtefact(NamedTuple):
     precision: str
 
 
-def load_engine_dir(engine_dir: str | Path, checkpoint: Checkpoint, engine: str = "auto",
-                    here: Platform | None = None) -> EngineArtefact:
+def load_engine_dir(
+    engine_dir: str | Path, checkpoint: Checkpoint, engine: str = "auto", here: Platform | None = None
+) -> EngineArtefact:
     """Which built artefact of `engine_dir` to serve for `checkpoint`: (kind, path, precision).
 
     kind is "tensorrt" (path: the plan, for TensorRTEngine) or "onnx" (path: the graph for
@@ -220,7 +248,9 @@ def load_engine_dir(engine_dir: str | Path, checkpoint: Checkpoint, engine: str 
             plan = artefacts["tensorrt"]
             return EngineArtefact("tensorrt", engine_dir / plan["file"], plan["precision"])
     if engine == "tensorrt":
-        raise ValueError(f"engine dir {engine_dir} has no TensorRT plan (built on a machine without GPU or "
-                         f"tensorrt, or with precision {manifest['precision']}); serve it with onnxruntime")
+        raise ValueError(
+            f"engine dir {engine_dir} has no TensorRT plan (built on a machine without GPU or "
+            f"tensorrt, or with precision {manifest['precision']}); serve it with onnxruntime"
+        )
     graph = artefacts["onnxruntime"]
     return EngineArtefact("onnx", engine_dir / graph["file"], graph["precision"])

@@ -113,16 +113,28 @@ def export_onnx(checkpoint: Checkpoint, out_dir: Path, precision: str = "fp32", 
 
     wrapper = LogitsOnly().eval()
     example = torch.randint(5, 100, (2, 16), dtype=torch.int64)
-    args = tuple(example if n == "input_ids" else torch.ones_like(example) if n == "attention_mask"
-                 else torch.zeros_like(example) for n in names)
+    args = tuple(
+        example
+        if n == "input_ids"
+        else torch.ones_like(example)
+        if n == "attention_mask"
+        else torch.zeros_like(example)
+        for n in names
+    )
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / onnx_name(precision)
     with torch.no_grad():
         program = torch.onnx.export(
-            wrapper, args, input_names=names, output_names=["logits"], opset_version=opset, dynamo=True,
+            wrapper,
+            args,
+            input_names=names,
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
             # one entry per forward() parameter: the single *inputs tuple, one spec per tensor in it
-            dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),), verbose=False,
+            dynamic_shapes=(tuple({0: batch, 1: seq} for _ in names),),
+            verbose=False,
         )
     if program is None:
         raise RuntimeError(f"torch.onnx.export returned no program for {checkpoint.name}")
@@ -152,8 +164,9 @@ def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
     accuracy and saves no time. Per-channel scales keep the classifier's small heads accurate."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(onnx_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8)
+    quantize_dynamic(
+        str(onnx_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
+    )
     return out_path
 
 
@@ -166,8 +179,10 @@ class ParityReport:
     shapes: tuple[tuple[int, int], ...]
 
     def __str__(self) -> str:
-        return (f"max |logit diff| {self.max_abs_diff:.2e}, argmax agreement {self.argmax_agreement:.4%} "
-                f"over shapes {list(self.shapes)}")
+        return (
+            f"max |logit diff| {self.max_abs_diff:.2e}, argmax agreement {self.argmax_agreement:.4%} "
+            f"over shapes {list(self.shapes)}"
+        )
 
     def within(self, precision: str) -> bool:
         """True when the figures are inside TOLERANCES[precision]."""
@@ -179,8 +194,9 @@ class ParityReport:
 Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-def compare_with_torch(checkpoint: Checkpoint, run: Runner, seed: int = 0,
-                       shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES) -> ParityReport:
+def compare_with_torch(
+    checkpoint: Checkpoint, run: Runner, seed: int = 0, shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
+) -> ParityReport:
     """Run `run` and float32 PyTorch on the same fresh random batches (with padding); compare real tokens.
 
     A (b, 0) shape means "the model's maximum length"."""
@@ -210,19 +226,22 @@ def compare_with_torch(checkpoint: Checkpoint, run: Runner, seed: int = 0,
     return ParityReport(worst, agree / total, tuple(used))
 
 
-def check_against_torch(checkpoint: Checkpoint, onnx_path: Path, seed: int = 0,
-                        shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES) -> ParityReport:
+def check_against_torch(
+    checkpoint: Checkpoint, onnx_path: Path, seed: int = 0, shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
+) -> ParityReport:
     """ONNX Runtime (CPU) on `onnx_path` vs PyTorch: see compare_with_torch."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     return compare_with_torch(
-        checkpoint, lambda feeds: session.run(["logits"], {n: feeds[n] for n in inputs})[0], seed, shapes)
+        checkpoint, lambda feeds: session.run(["logits"], {n: feeds[n] for n in inputs})[0], seed, shapes
+    )
 
 
-def check_engine_against_torch(checkpoint: Checkpoint, engine, seed: int = 0,
-                               shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES) -> ParityReport:
+def check_engine_against_torch(
+    checkpoint: Checkpoint, engine, seed: int = 0, shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
+) -> ParityReport:
     """Any `Engine` (list of id sequences in, per-sequence logits out) vs PyTorch: see compare_with_torch."""
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:

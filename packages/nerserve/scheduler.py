@@ -42,8 +42,9 @@ class Job:
 class Scheduler:
     """Owns the engine; `submit` from any thread, results come back through Futures."""
 
-    def __init__(self, engine: Engine, max_num_tokens: int, batch_wait_ms: float, queue_size: int,
-                 observe_batch=None) -> None:
+    def __init__(
+        self, engine: Engine, max_num_tokens: int, batch_wait_ms: float, queue_size: int, observe_batch=None
+    ) -> None:
         self.engine = engine
         self.max_num_tokens = max_num_tokens
         self.batch_wait = batch_wait_ms / 1000.0
@@ -71,8 +72,10 @@ class Scheduler:
             if self._closing:
                 raise Unhealthy("the server is shutting down")
             if self._queued_sequences + len(sequences) > self.queue_size and self._queued_sequences:
-                raise Overloaded(f"queue full ({self._queued_sequences} sequences waiting); retry shortly",
-                                 headers={"Retry-After": "1"})
+                raise Overloaded(
+                    f"queue full ({self._queued_sequences} sequences waiting); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
             self._pending.append(job)
             self._queued_sequences += len(sequences)
             self._lock.notify()

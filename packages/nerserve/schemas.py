@@ -24,18 +24,32 @@ def _lower(value: object) -> object:
 class PredictRequest(BaseModel):
     """POST /predict_tokens body."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]], "truncate": True,
-        "truncation_direction": "Right", "raw_scores": False, "aggregation_strategy": "max"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
+                    "truncate": True,
+                    "truncation_direction": "Right",
+                    "raw_scores": False,
+                    "aggregation_strategy": "max",
+                }
+            ]
+        },
+    )
 
     inputs: StrictStr | list[StrictStr | list[StrictStr]] = Field(
-        description="Texts: one string, a list of strings, or a list of lists of strings (flattened in order).")
+        description="Texts: one string, a list of strings, or a list of lists of strings (flattened in order)."
+    )
     aggregation_strategy: Annotated[Strategy, BeforeValidator(_lower)] = Field(
-        "none", description="none: one item per token; simple/first/average/max: one item per entity.")
+        "none", description="none: one item per token; simple/first/average/max: one item per entity."
+    )
     raw_scores: StrictBool = Field(False, description="With `none`: every label's raw logit.")
     truncate: StrictBool = Field(False, description="Cut each text to the model's maximum input length.")
     truncation_direction: Annotated[Direction, BeforeValidator(_lower)] = Field(
-        "right", description="Which end `truncate` cuts: Right or Left (any case).")
+        "right", description="Which end `truncate` cuts: Right or Left (any case)."
+    )
 
     def texts(self) -> list[str]:
         """The flattened texts, one result list each."""

@@ -86,7 +86,10 @@ class Envelope:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 timing = f"{(time.perf_counter() - started) * 1000:.2f}"
-                extra = [(b"x-request-id", request_id.encode("latin-1", "replace")), (b"x-total-time-ms", timing.encode())]
+                extra = [
+                    (b"x-request-id", request_id.encode("latin-1", "replace")),
+                    (b"x-total-time-ms", timing.encode()),
+                ]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -98,8 +101,14 @@ class Envelope:
         elapsed_ms = (time.perf_counter() - started) * 1000
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         self.metrics.requests.labels(route, str(status)).inc()
-        log.info('{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}', request_id,
-                 scope["method"], route, status, elapsed_ms)
+        log.info(
+            '{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}',
+            request_id,
+            scope["method"],
+            route,
+            status,
+            elapsed_ms,
+        )
 
 
 class State:
@@ -136,8 +145,12 @@ def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI
             await asyncio.to_thread(state.model.service.close)  # drain what was accepted
         log.info("shutdown complete: queue drained")
 
-    app = FastAPI(title="nerserve", version=__version__, lifespan=lifespan,
-                  description="BEI-Bert-compatible token classification with transformers-pipeline-exact answers.")
+    app = FastAPI(
+        title="nerserve",
+        version=__version__,
+        lifespan=lifespan,
+        description="BEI-Bert-compatible token classification with transformers-pipeline-exact answers.",
+    )
     app.state.begin_drain = lambda: setattr(state, "closing", True)
 
     @app.exception_handler(StarletteHTTPException)
@@ -170,19 +183,49 @@ def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI
             return _error(error)
 
     body_schema = {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}, "required": True}
-    error_schema = {"content": {"application/json": {"schema": {
-        "type": "object", "required": ["error", "error_type"],
-        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}}}}}
+    error_schema = {
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["error", "error_type"],
+                    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+                }
+            }
+        }
+    }
     responses = {
-        "200": {"description": "One list per text", "content": {"application/json": {"schema": {
-            "type": "array", "items": {"type": "array", "items": TokenResult.model_json_schema()}}}}},
-        **{str(code): {"description": why, **error_schema} for code, why in [
-            (400, "Not JSON"), (401, "Unauthorized"), (413, "Too large"), (422, "Validation"),
-            (429, "Overloaded"), (500, "Backend"), (503, "Unhealthy"), (504, "Timeout")]},
+        "200": {
+            "description": "One list per text",
+            "content": {
+                "application/json": {
+                    "schema": {"type": "array", "items": {"type": "array", "items": TokenResult.model_json_schema()}}
+                }
+            },
+        },
+        **{
+            str(code): {"description": why, **error_schema}
+            for code, why in [
+                (400, "Not JSON"),
+                (401, "Unauthorized"),
+                (413, "Too large"),
+                (422, "Validation"),
+                (429, "Overloaded"),
+                (500, "Backend"),
+                (503, "Unhealthy"),
+                (504, "Timeout"),
+            ]
+        },
     }
     for path in PREDICT_ROUTES:
-        app.add_api_route(path, predict, methods=["POST"], name=f"predict{path}", response_class=Response,
-                          openapi_extra={"requestBody": body_schema, "responses": responses})
+        app.add_api_route(
+            path,
+            predict,
+            methods=["POST"],
+            name=f"predict{path}",
+            response_class=Response,
+            openapi_extra={"requestBody": body_schema, "responses": responses},
+        )
 
     @app.get("/health")
     async def health() -> Response:
@@ -238,8 +281,9 @@ async def _answer(request: Request, service, parsed: PredictRequest, settings: S
     waiter = asyncio.ensure_future(asyncio.wrap_future(pending.future))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({waiter, gone}, timeout=settings.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {waiter, gone}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         gone.cancel()
     if waiter not in done:
@@ -284,9 +328,18 @@ def main() -> None:
     config = read_config(config_path)
     settings = Settings.load(config.get("model_metadata"))
     app = create_app(config, config_path.parent, secrets=_mounted_secrets())
-    server = draining_server(uvicorn.Config(app, host=os.environ.get("HOST", "0.0.0.0"), port=settings.port,
-                                           log_level="warning", access_log=False, timeout_graceful_shutdown=30),
-                            on_drain=app.state.begin_drain, grace_s=settings.shutdown_grace_s)
+    server = draining_server(
+        uvicorn.Config(
+            app,
+            host=os.environ.get("HOST", "0.0.0.0"),
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        ),
+        on_drain=app.state.begin_drain,
+        grace_s=settings.shutdown_grace_s,
+    )
     server.run()
 
 

@@ -41,14 +41,18 @@ class NerService:
         self.settings = settings
         self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, settings.revision, settings.hf_token)
         if settings.max_num_tokens < self.checkpoint.max_input_tokens:
-            raise ValueError(f"max_num_tokens={settings.max_num_tokens} is below the model's max input length "
-                             f"{self.checkpoint.max_input_tokens}: one full window would not fit a batch")
-        self.tokenizer = TextTokenizer(self.checkpoint.tokenizer, self.checkpoint.max_input_tokens,
-                                       settings.window_stride)
+            raise ValueError(
+                f"max_num_tokens={settings.max_num_tokens} is below the model's max input length "
+                f"{self.checkpoint.max_input_tokens}: one full window would not fit a batch"
+            )
+        self.tokenizer = TextTokenizer(
+            self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride
+        )
         self.aggregator = Aggregator(self.tokenizer, self.checkpoint.labels)
         self.engine = load_engine(settings, self.checkpoint)
-        self.scheduler = Scheduler(self.engine, settings.max_num_tokens, settings.batch_wait_ms,
-                                   settings.queue_size, observe_batch)
+        self.scheduler = Scheduler(
+            self.engine, settings.max_num_tokens, settings.batch_wait_ms, settings.queue_size, observe_batch
+        )
 
     def submit(self, request: PredictRequest) -> Pending:
         """Tokenize and queue; the engine runs in the scheduler's thread."""

@@ -29,8 +29,10 @@ class TextTokenizer:
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int, window_stride: int) -> None:
         if window_stride >= max_length - tokenizer.num_special_tokens_to_add():
-            raise ValueError(f"window_stride {window_stride} must be less than the tokens a window holds "
-                             f"({max_length - tokenizer.num_special_tokens_to_add()})")
+            raise ValueError(
+                f"window_stride {window_stride} must be less than the tokens a window holds "
+                f"({max_length - tokenizer.num_special_tokens_to_add()})"
+            )
         backend: Tokenizer = tokenizer.backend_tokenizer
         serialized = backend.to_str()
         self._windows = self._configured(serialized, max_length, window_stride, "right")

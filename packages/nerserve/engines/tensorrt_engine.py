@@ -39,8 +39,10 @@ def profile_ladder(max_num_tokens: int, max_input_tokens: int) -> list[Profile]:
     if max_input_tokens < 1:
         raise ValueError(f"max_input_tokens must be positive, not {max_input_tokens}")
     if max_num_tokens < max_input_tokens:
-        raise ValueError(f"max_num_tokens ({max_num_tokens}) is below the max input length ({max_input_tokens}): "
-                         "one full-length text would not fit a batch")
+        raise ValueError(
+            f"max_num_tokens ({max_num_tokens}) is below the max input length ({max_input_tokens}): "
+            "one full-length text would not fit a batch"
+        )
     caps, cap = [], 2
     while cap < max_input_tokens:
         caps.append(cap)
@@ -58,16 +60,22 @@ def pick_profile(profiles: list[Profile], batch: int, sequence: int) -> int:
     """Index of the profile with the shortest sequence cap whose range holds (batch, sequence).
 
     The shortest cap is the tightest fit: its kernels were tuned nearest this batch's length."""
-    fitting = [(maximum[1], index) for index, (minimum, _, maximum) in enumerate(profiles)
-               if minimum[0] <= batch <= maximum[0] and minimum[1] <= sequence <= maximum[1]]
+    fitting = [
+        (maximum[1], index)
+        for index, (minimum, _, maximum) in enumerate(profiles)
+        if minimum[0] <= batch <= maximum[0] and minimum[1] <= sequence <= maximum[1]
+    ]
     if not fitting:
-        raise ValueError(f"no optimization profile holds a batch of {batch} x {sequence} tokens "
-                         f"(profiles: {[p[2] for p in profiles]}); the batch planner must stay within max_num_tokens")
+        raise ValueError(
+            f"no optimization profile holds a batch of {batch} x {sequence} tokens "
+            f"(profiles: {[p[2] for p in profiles]}); the batch planner must stay within max_num_tokens"
+        )
     return min(fitting)[1]
 
 
-def build_engine(onnx_path: Path, out_dir: Path, profiles: list[Profile], workspace: int,
-                 timing_cache_path: Path) -> Path:
+def build_engine(
+    onnx_path: Path, out_dir: Path, profiles: list[Profile], workspace: int, timing_cache_path: Path
+) -> Path:
     """Build `out_dir/model.plan` from the ONNX: strongly typed, one profile per entry, workspace in bytes.
 
     The timing cache at `timing_cache_path` is read when present and written back after the build,
@@ -114,8 +122,13 @@ def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
 
-    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-             trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64}
+    table = {
+        trt.DataType.FLOAT: torch.float32,
+        trt.DataType.HALF: torch.float16,
+        trt.DataType.BF16: torch.bfloat16,
+        trt.DataType.INT32: torch.int32,
+        trt.DataType.INT64: torch.int64,
+    }
     if trt_dtype not in table:
         raise ValueError(f"unsupported TensorRT I/O type {trt_dtype}")
     return table[trt_dtype]
@@ -150,8 +163,10 @@ class TensorRTEngine(Engine):
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if outputs != ["logits"] or "input_ids" not in self._inputs:
-            raise ValueError(f"{plan_path}: expected inputs input_ids/attention_mask[/token_type_ids] and output "
-                             f"logits, found inputs {self._inputs} and outputs {outputs}")
+            raise ValueError(
+                f"{plan_path}: expected inputs input_ids/attention_mask[/token_type_ids] and output "
+                f"logits, found inputs {self._inputs} and outputs {outputs}"
+            )
         self._profiles: list[Profile] = []
         for i in range(engine.num_optimization_profiles):
             minimum, opt, maximum = (_shape(s) for s in engine.get_tensor_profile_shape("input_ids", i))
@@ -159,10 +174,13 @@ class TensorRTEngine(Engine):
         self._labels = int(engine.get_tensor_shape("logits")[-1])
         capacity = max(maximum[0] * maximum[1] for _, _, maximum in self._profiles)
         self._stream = torch.cuda.Stream(self._device)
-        self._buffers = {n: torch.zeros(capacity, dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self._device)
-                         for n in self._inputs}
-        self._logits = torch.empty(capacity * self._labels, dtype=_torch_dtype(engine.get_tensor_dtype("logits")),
-                                   device=self._device)
+        self._buffers = {
+            n: torch.zeros(capacity, dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self._device)
+            for n in self._inputs
+        }
+        self._logits = torch.empty(
+            capacity * self._labels, dtype=_torch_dtype(engine.get_tensor_dtype("logits")), device=self._device
+        )
         self._memory = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=self._device)
         self._contexts = [self._context(i) for i in range(engine.num_optimization_profiles)]
         self._lock = threading.Lock()

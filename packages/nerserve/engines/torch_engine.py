@@ -75,8 +75,16 @@ def supports_packing(model) -> str | None:
     if embeddings is None or encoder is None or not hasattr(encoder, "layer"):
         return "no embeddings/encoder.layer"
     layer = encoder.layer[0]
-    for path in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-                 "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm"):
+    for path in (
+        "attention.self.query",
+        "attention.self.key",
+        "attention.self.value",
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    ):
         node = layer
         for part in path.split("."):
             node = getattr(node, part, None)
@@ -101,8 +109,11 @@ class PackedEncoder:
         self.head_dim = self.hidden // self.heads
         self.eps = config.layer_norm_eps
         self.num_labels = model.classifier.out_features
-        self.position_offset = (getattr(emb, "padding_idx", None) or config.pad_token_id or 0) + 1 \
-            if config.model_type in _OFFSET_POSITION_MODELS else 0
+        self.position_offset = (
+            (getattr(emb, "padding_idx", None) or config.pad_token_id or 0) + 1
+            if config.model_type in _OFFSET_POSITION_MODELS
+            else 0
+        )
         act = config.hidden_act
         if act in ("gelu", "gelu_python"):
             self.act = lambda x: F.gelu(x)
@@ -124,15 +135,24 @@ class PackedEncoder:
             a = layer.attention
             qkv_w = torch.cat([a.self.query.weight, a.self.key.weight, a.self.value.weight], 0)
             qkv_b = torch.cat([a.self.query.bias, a.self.key.bias, a.self.value.bias], 0)
-            self.layers.append((
-                t(qkv_w), t(qkv_b), t(a.output.dense.weight), t(a.output.dense.bias),
-                t(a.output.LayerNorm.weight), t(a.output.LayerNorm.bias),
-                t(layer.intermediate.dense.weight), t(layer.intermediate.dense.bias),
-                t(layer.output.dense.weight), t(layer.output.dense.bias),
-                t(layer.output.LayerNorm.weight), t(layer.output.LayerNorm.bias),
-            ))
+            self.layers.append(
+                (
+                    t(qkv_w),
+                    t(qkv_b),
+                    t(a.output.dense.weight),
+                    t(a.output.dense.bias),
+                    t(a.output.LayerNorm.weight),
+                    t(a.output.LayerNorm.bias),
+                    t(layer.intermediate.dense.weight),
+                    t(layer.intermediate.dense.bias),
+                    t(layer.output.dense.weight),
+                    t(layer.output.dense.bias),
+                    t(layer.output.LayerNorm.weight),
+                    t(layer.output.LayerNorm.bias),
+                )
+            )
         self.cls_w, self.cls_b = t(model.classifier.weight), t(model.classifier.bias)
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.varlen = varlen_attention() if device.startswith("cuda") and dtype != torch.float32 else None
 
     def _attend(self, q, k, v, cu, max_len: int, lengths):
@@ -148,8 +168,12 @@ class PackedEncoder:
         grid[0, rows, cols], grid[1, rows, cols], grid[2, rows, cols] = q, k, v
         mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
         out = self.F.scaled_dot_product_attention(
-            grid[0].transpose(1, 2), grid[1].transpose(1, 2), grid[2].transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=self.scale)
+            grid[0].transpose(1, 2),
+            grid[1].transpose(1, 2),
+            grid[2].transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+        )
         return out.transpose(1, 2)[rows, cols]
 
     def forward(self, ids, positions, cu, max_len: int, lengths=None):
@@ -163,8 +187,9 @@ class PackedEncoder:
         for qkv_w, qkv_b, o_w, o_b, ln1_w, ln1_b, i_w, i_b, d_w, d_b, ln2_w, ln2_b in self.layers:
             qkv = F.linear(h, qkv_w, qkv_b).view(total, 3, self.heads, self.head_dim)
             ctx = self._attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, lengths)
-            h = F.layer_norm(F.linear(ctx.reshape(total, self.hidden), o_w, o_b) + h, (self.hidden,),
-                             ln1_w, ln1_b, self.eps)
+            h = F.layer_norm(
+                F.linear(ctx.reshape(total, self.hidden), o_w, o_b) + h, (self.hidden,), ln1_w, ln1_b, self.eps
+            )
             inner = self.act(F.linear(h, i_w, i_b))
             h = F.layer_norm(F.linear(inner, d_w, d_b) + h, (self.hidden,), ln2_w, ln2_b, self.eps)
         return F.linear(h, self.cls_w, self.cls_b).float()
@@ -199,9 +224,15 @@ class TorchEngine(Engine):
     name = "torch"
     padded = True
 
-    def __init__(self, checkpoint: Checkpoint, device: str | None = None, precision: str | None = None,
-                 packed: bool | None = None, graphs: bool | None = None,
-                 max_graph_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str | None = None,
+        precision: str | None = None,
+        packed: bool | None = None,
+        graphs: bool | None = None,
+        max_graph_tokens: int | None = None,
+    ) -> None:
         import torch
 
         self._torch = torch
@@ -232,8 +263,11 @@ class TorchEngine(Engine):
                 try:  # one tiny packed batch first: a torch whose varlen kernel refuses falls back to padded
                     self._run_packed([np.array([self._pad_id] * 3, np.int64), np.array([self._pad_id] * 5, np.int64)])
                 except Exception as error:
-                    log.warning("torch engine: packed path failed its smoke test (%s: %s); padded batches",
-                                type(error).__name__, error)
+                    log.warning(
+                        "torch engine: packed path failed its smoke test (%s: %s); padded batches",
+                        type(error).__name__,
+                        error,
+                    )
                     self._encoder = None
                     packed = False
         if packed:
@@ -246,14 +280,22 @@ class TorchEngine(Engine):
                 try:
                     self._capture(max_graph_tokens or GRAPH_BUCKETS[-1])
                 except Exception as error:  # a torch whose varlen attention cannot be captured: run eagerly
-                    log.warning("torch engine: CUDA graph capture failed (%s: %s); packed batches run eagerly",
-                                type(error).__name__, error)
+                    log.warning(
+                        "torch engine: CUDA graph capture failed (%s: %s); packed batches run eagerly",
+                        type(error).__name__,
+                        error,
+                    )
                     self._graphs.clear()
                     torch.cuda.synchronize()
         else:
             self._model = model.to(device=self.device, dtype=dtype)
-        log.info("torch engine: %s %s, %s%s", self.device, self.precision, "packed" if packed else "padded",
-                 f", {len(self._graphs)} CUDA graphs" if self._graphs else "")
+        log.info(
+            "torch engine: %s %s, %s%s",
+            self.device,
+            self.precision,
+            "packed" if packed else "padded",
+            f", {len(self._graphs)} CUDA graphs" if self._graphs else "",
+        )
 
     @property
     def packed(self) -> bool:
@@ -326,13 +368,13 @@ class TorchEngine(Engine):
                 cu_full = np.full(graph.slots + 1, graph.bucket, dtype=np.int32)
                 cu_full[: len(cu)] = cu
                 cuts = np.arange(total, graph.bucket, graph.max_len, dtype=np.int32)[1:]
-                cu_full[len(cu): len(cu) + len(cuts)] = cuts
+                cu_full[len(cu) : len(cu) + len(cuts)] = cuts
             if graph is not None:
                 host = torch.from_numpy(np.concatenate([ids_full, pos_full, cu_full.astype(np.int64)]))
                 dev = host.to(self.device)
                 graph.ids.copy_(dev[: graph.bucket])
-                graph.positions.copy_(dev[graph.bucket: 2 * graph.bucket])
-                graph.cu.copy_(dev[2 * graph.bucket:])
+                graph.positions.copy_(dev[graph.bucket : 2 * graph.bucket])
+                graph.cu.copy_(dev[2 * graph.bucket :])
                 graph.graph.replay()
                 logits = graph.logits[:total].cpu().numpy()
             else:
