@@ -317,8 +317,11 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
     from nerserve.service import NerService
 
     checkpoint = build_checkpoints["wordpiece-cased"]
+    folder = str(cli_builds["wordpiece-cased"][1])
     texts = corpus.texts()[:120]
-    from_dir = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=str(cli_builds["wordpiece-cased"][1])))
+    # ONNX Runtime on both sides, named: with a GPU and TensorRT the folder also holds an fp16 plan,
+    # which engine "auto" serves (plans are compared in test_tensorrt_engine_matches_onnx_runtime)
+    from_dir = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder, engine="onnxruntime"))
     direct = NerService(Settings(checkpoint=str(checkpoint.path), engine="onnxruntime"))
     assert from_dir.engine.name == "onnxruntime"
     for strategy in ("none", "simple", "average"):
@@ -332,6 +335,10 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
                 assert abs(next(iter(g["results"].values())) - next(iter(w["results"].values()))) < 1e-4
     from_dir.close()
     direct.close()
+    if _no_tensorrt_here() is None:
+        auto = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder))
+        assert auto.engine.name == "tensorrt"  # why the comparison above names its engine
+        auto.close()
     other = build_checkpoints["wordpiece-uncased"]
     with pytest.raises(ValueError, match="checkpoint"):
-        NerService(Settings(checkpoint=str(other.path), engine_dir=str(cli_builds["wordpiece-cased"][1])))
+        NerService(Settings(checkpoint=str(other.path), engine_dir=folder))
