@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,16 @@ def test_profile_ladder_covers_every_shape_in_budget(max_num_tokens, max_len):
             assert max_s == min(fitting_caps)  # the tightest profile that holds the batch
     with pytest.raises(ValueError, match="no optimization profile"):
         pick_profile(ladder, max_num_tokens + 1, 1)
+
+
+def test_documented_profile_count_is_the_ladders():
+    """profile_ladder's docstring and docs/build.md say how many profiles 512 positions take (16384 tokens)."""
+    count = len(profile_ladder(16384, 512))
+    assert count == 9  # caps 2, 4, ..., 256, then 512
+    docstring = " ".join((profile_ladder.__doc__ or "").split())
+    assert re.search(r"\((\d+) for 512 positions\)", docstring).group(1) == str(count)
+    docs = " ".join((REPO / "docs" / "build.md").read_text().split())
+    assert re.findall(r"\((\d+) profiles for 512 positions", docs) == [str(count)]
 
 
 def test_profile_ladder_refuses_a_budget_below_one_text():

@@ -33,7 +33,7 @@ def profile_ladder(max_num_tokens: int, max_input_tokens: int) -> list[Profile]:
     Sequence caps double (2, 4, 8, ... up to max_input_tokens); the rung with cap c takes sequences
     longer than the previous cap p, so its batch may reach max_num_tokens // (p + 1). Its largest
     shape therefore holds at most 2 x max_num_tokens tokens: activation memory stays within twice
-    the budget, with a handful of profiles (10 for 512 positions) instead of one per batch size.
+    the budget, with a handful of profiles (9 for 512 positions) instead of one per batch size.
     Every rung starts at (1, 1), so each also serves shorter batches; its opt shape is a full budget
     of sequences at the cap, the shape a loaded server's batch planner produces."""
     if max_input_tokens < 1:
