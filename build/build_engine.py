@@ -238,7 +238,14 @@ def stage_tensorrt(
         f"(compute capability {platform.compute_capability}) from {source.name}, {len(profiles)} profiles, "
         f"workspace {args.workspace_gb:g} GiB, timing cache {timing_cache}"
     )
-    plan = build_engine(source, out, profiles, int(args.workspace_gb * (1 << 30)), timing_cache)
+    plan = build_engine(
+        source,
+        out,
+        profiles,
+        int(args.workspace_gb * (1 << 30)),
+        timing_cache,
+        report=lambda line: stage(f"      {line}"),  # TensorRT's progress, indented like the checks' lines
+    )
     engine = TensorRTEngine(plan, checkpoint.tokenizer.pad_token_id or 0, precision=args.precision)
     try:
         parity = checked(

@@ -6,13 +6,19 @@ flag), one optimization profile per rung of a ladder that covers every batch x s
 tokens fit `max_num_tokens`, and at run time one execution context per profile sharing one block of
 activation memory (batches run one at a time, so they never need it at once).
 
-`tensorrt` is imported lazily: this module imports, and `profile_ladder` works, on machines without it.
-`load_engine_dir` (defined with the manifest checks it runs) is importable from here, where the
-server's engine selection looks for it."""
+A build reports its progress through TensorRT's IProgressMonitor (throttled lines, see BuildProgress).
+
+`tensorrt` is imported lazily: this module imports, and `profile_ladder`, `BuildProgress` and the other
+checks work, on machines without it. `load_engine_dir` (defined with the manifest checks it runs) is
+importable from here, where the server's engine selection looks for it."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +26,17 @@ import numpy as np
 from ..manifest import load_engine_dir, read_manifest
 from .base import Engine, pad_batch
 
-__all__ = ["PLAN_NAME", "TensorRTEngine", "build_engine", "load_engine_dir", "pick_profile", "profile_ladder"]
+__all__ = [
+    "PLAN_NAME",
+    "BuildProgress",
+    "TensorRTEngine",
+    "build_engine",
+    "load_engine_dir",
+    "pick_profile",
+    "profile_ladder",
+]
+
+log = logging.getLogger(__name__)
 
 PLAN_NAME = "model.plan"
 #: (min_shape, opt_shape, max_shape), each (batch, sequence)
@@ -73,17 +89,132 @@ def pick_profile(profiles: list[Profile], batch: int, sequence: int) -> int:
     return min(fitting)[1]
 
 
+# --- building a plan --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Phase:
+    """An active TensorRT build phase."""
+
+    depth: int
+    steps: int
+    started: float
+    done: int = 0
+
+
+class BuildProgress:
+    """TensorRT's build progress as throttled lines, for a build that takes minutes.
+
+    TensorRT reports nested phases ("Building engine" > ... > "Timing graph nodes" > "Finding fastest
+    tactic for <layer>" > "Measuring tactic time"), the inner ones starting and finishing hundreds of
+    times. So only phases less than `outer_depth` deep get a line when they start and finish; the rest
+    shows as the stack of active phases with their steps done, at most once every `interval` seconds:
+    enough for a log (the build's, or model/start.sh's on Baseten) to show the build moving, few
+    enough to read. Phase names and nesting change between TensorRT versions; nothing here depends
+    on them.
+
+    TensorRT calls these methods from its own threads (the IProgressMonitor contract asks for thread
+    safety), and the binding (pyCore.cpp) turns an exception in step_complete into a cancelled build,
+    so they take a lock and ignore calls that do not fit what they have seen (a step or finish of a
+    phase never started) instead of raising."""
+
+    def __init__(
+        self,
+        report: Callable[[str], None],
+        interval: float = 10.0,
+        outer_depth: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._report = report
+        self._interval = interval
+        self._outer_depth = outer_depth
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: active phases by name, in start order (so a phase comes after its parent)
+        self._phases: dict[str, _Phase] = {}
+        self._last_line = clock()
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        """A phase began: a line when it is an outer one, else a chance for the throttled stack line."""
+        with self._lock:
+            now = self._clock()
+            parent = self._phases.get(parent_phase) if parent_phase is not None else None
+            depth = parent.depth + 1 if parent is not None else 0
+            self._phases[phase_name] = _Phase(depth, num_steps, now)
+            if depth < self._outer_depth:
+                self._emit(f"TensorRT: {phase_name} ({num_steps} step{'s' if num_steps != 1 else ''})", now)
+            else:
+                self._maybe_emit_stack(now)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        """Step `step` (0-based) of `phase_name` is done; True lets the build go on."""
+        with self._lock:
+            now = self._clock()
+            phase = self._phases.get(phase_name)
+            if phase is not None:
+                phase.done = step + 1
+            self._maybe_emit_stack(now)
+        return True
+
+    def phase_finish(self, phase_name: str) -> None:
+        """A phase ended (possibly before all its steps): a line with its time when it is an outer one."""
+        with self._lock:
+            now = self._clock()
+            phase = self._phases.pop(phase_name, None)
+            if phase is not None and phase.depth < self._outer_depth:
+                self._emit(f"TensorRT: {phase_name} done in {now - phase.started:.1f} s", now)
+            else:
+                self._maybe_emit_stack(now)
+
+    def _maybe_emit_stack(self, now: float) -> None:
+        """The active phases with their steps, as one line, when `interval` has passed since the last line."""
+        if self._phases and now - self._last_line >= self._interval:
+            stack = " > ".join(f"{name} {phase.done}/{phase.steps}" for name, phase in self._phases.items())
+            self._emit(f"TensorRT: {stack}", now)
+
+    def _emit(self, line: str, now: float) -> None:
+        self._report(line)
+        self._last_line = now
+
+
+def tensorrt_progress_monitor(trt, progress: BuildProgress):
+    """A trt.IProgressMonitor handing TensorRT's callbacks (names as bound in TensorRT's pyCore.cpp) to `progress`."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)  # the binding's trampoline needs its own __init__ called
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return progress.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name):
+            progress.phase_finish(phase_name)
+
+    return Monitor()
+
+
 def build_engine(
-    onnx_path: Path, out_dir: Path, profiles: list[Profile], workspace: int, timing_cache_path: Path
+    onnx_path: Path,
+    out_dir: Path,
+    profiles: list[Profile],
+    workspace: int,
+    timing_cache_path: Path,
+    *,
+    report: Callable[[str], None] = log.info,
 ) -> Path:
     """Build `out_dir/model.plan` from the ONNX: strongly typed, one profile per entry, workspace in bytes.
 
     The timing cache at `timing_cache_path` is read when present and written back after the build,
-    so rebuilding on the same GPU and TensorRT version skips most kernel timing."""
+    so rebuilding on the same GPU and TensorRT version skips most kernel timing. Progress goes to
+    `report` as lines (build/build_engine.py passes its stage printer)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
+    # 10.x: strong typing is opt-in through this flag; 11.x: always on, the flag is accepted and ignored
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -100,6 +231,8 @@ def build_engine(
     cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU/version: start afresh
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    # the monitor must outlive the build: the binding's setter makes the config hold it (keep_alive)
+    config.progress_monitor = tensorrt_progress_monitor(trt, BuildProgress(report))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")

@@ -1,0 +1,130 @@
+"""The TensorRT path's own logic, run without TensorRT or a GPU.
+
+TensorRT's objects are replaced by fakes that behave as its headers and Python bindings document
+(NvInfer.h, NvInferRuntime.h, pyCore.cpp at 10.16 and 11.1): the fakes stand for TensorRT's
+callbacks and return values, never for the model, the tokenizer or an engine. What only a GPU with
+TensorRT can show is in tests/test_build.py::test_tensorrt_engine_matches_onnx_runtime."""
+
+from __future__ import annotations
+
+import re
+import threading
+import types
+
+from nerserve.engines.tensorrt_engine import (
+    BuildProgress,
+    tensorrt_progress_monitor,
+)
+
+# --- build progress (issue 15, point 2) ------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_prints_outer_phases_and_a_throttled_stack_of_the_inner_ones():
+    """A build as TensorRT's sample shows it: outer phases get start/finish lines, the deep and
+    frequent ones appear only in a stack line at most every `interval` seconds."""
+    lines: list[str] = []
+    clock = Clock()
+    progress = BuildProgress(lines.append, interval=10.0, outer_depth=2, clock=clock)
+
+    def at(time: float) -> BuildProgress:
+        clock.now = time
+        return progress
+
+    at(0.0).phase_start("Building engine", None, 4)
+    at(0.5).phase_start("Building engine from subgraph", "Building engine", 1)
+    at(1.0).phase_start("Computing profile costs", "Building engine from subgraph", 9)
+    at(2.0).phase_start("Timing graph nodes", "Computing profile costs", 15)
+    for node in range(15):  # 15 nodes, one second each, each with many short inner phases
+        time = 2.0 + node
+        at(time).phase_start(f"Finding fastest tactic for node{node}", "Timing graph nodes", 40)
+        for tactic in range(40):
+            assert at(time + tactic / 50).step_complete(f"Finding fastest tactic for node{node}", tactic) is True
+        at(time + 0.9).phase_finish(f"Finding fastest tactic for node{node}")
+        assert at(time + 0.95).step_complete("Timing graph nodes", node) is True
+    at(17.0).phase_finish("Timing graph nodes")
+    at(17.5).step_complete("Computing profile costs", 8)
+    at(18.0).phase_finish("Computing profile costs")
+    at(30.0).phase_finish("Building engine from subgraph")
+    at(30.5).step_complete("Building engine", 3)
+    at(31.0).phase_finish("Building engine")
+
+    assert lines == [
+        "TensorRT: Building engine (4 steps)",
+        "TensorRT: Building engine from subgraph (1 step)",
+        # 10 s after the last line, inside node 8's tactic search (one line, not 600 or 2 x 15)
+        "TensorRT: Building engine 0/4 > Building engine from subgraph 0/1 > Computing profile costs 0/9 > "
+        "Timing graph nodes 8/15 > Finding fastest tactic for node8 26/40",
+        "TensorRT: Building engine from subgraph done in 29.5 s",
+        "TensorRT: Building engine done in 31.0 s",
+    ]
+
+
+def test_progress_never_raises_on_calls_it_cannot_place():
+    """An exception in a callback makes TensorRT cancel the build (pyCore.cpp returns False), so odd
+    calls are ignored: a step or finish of a phase never started, a parent that is not active."""
+    lines: list[str] = []
+    progress = BuildProgress(lines.append, interval=0.0)
+    assert progress.step_complete("never started", 3) is True
+    progress.phase_finish("never started")
+    progress.phase_start("orphan", "no such parent", 2)  # placed at the top
+    assert progress.step_complete("orphan", 0) is True
+    progress.phase_finish("orphan")
+    assert lines[0] == "TensorRT: orphan (2 steps)"
+    assert lines[1] == "TensorRT: orphan 1/2"
+    assert re.fullmatch(r"TensorRT: orphan done in \d+\.\d s", lines[2])
+
+
+def test_progress_is_safe_from_several_threads():
+    """IProgressMonitor's contract: TensorRT may call it from several internal threads at once."""
+    lines: list[str] = []
+    progress = BuildProgress(lines.append, interval=0.0)
+
+    def build(worker: int) -> None:
+        for phase in range(50):
+            name = f"worker {worker} phase {phase}"
+            progress.phase_start(name, None, 3)
+            progress.phase_start(f"{name} inner", name, 5)
+            for step in range(5):
+                progress.step_complete(f"{name} inner", step)
+            progress.phase_finish(f"{name} inner")
+            progress.phase_finish(name)
+
+    threads = [threading.Thread(target=build, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker in range(8):
+        for phase in range(50):
+            name = f"worker {worker} phase {phase}"
+            assert lines.count(f"TensorRT: {name} (3 steps)") == 1
+            assert sum(1 for line in lines if line.startswith(f"TensorRT: {name} done in ")) == 1
+
+
+def test_tensorrt_monitor_hands_every_callback_to_the_progress_lines():
+    """The IProgressMonitor subclass forwards TensorRT's three callbacks (names and arguments as
+    pyCore.cpp binds them) and step_complete's answer; a plain base class stands in for the binding."""
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            self.initialised = True
+
+    lines: list[str] = []
+    monitor = tensorrt_progress_monitor(
+        types.SimpleNamespace(IProgressMonitor=IProgressMonitor), BuildProgress(lines.append)
+    )
+    assert isinstance(monitor, IProgressMonitor) and monitor.initialised
+    monitor.phase_start(phase_name="Building engine", parent_phase=None, num_steps=1)
+    assert monitor.step_complete(phase_name="Building engine", step=0) is True
+    monitor.phase_finish(phase_name="Building engine")
+    assert lines[0] == "TensorRT: Building engine (1 step)" and lines[1].startswith("TensorRT: Building engine done")
