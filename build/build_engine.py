@@ -244,6 +244,7 @@ def stage_tensorrt(
         profiles,
         int(args.workspace_gb * (1 << 30)),
         timing_cache,
+        precision=args.precision,
         report=lambda line: stage(f"      {line}"),  # TensorRT's progress, indented like the checks' lines
     )
     engine = TensorRTEngine(plan, checkpoint.tokenizer.pad_token_id or 0, precision=args.precision)

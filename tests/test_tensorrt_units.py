@@ -11,8 +11,11 @@ import re
 import threading
 import types
 
+import pytest
+
 from nerserve.engines.tensorrt_engine import (
     BuildProgress,
+    clear_precision_flags,
     tensorrt_progress_monitor,
 )
 
@@ -128,3 +131,37 @@ def test_tensorrt_monitor_hands_every_callback_to_the_progress_lines():
     assert monitor.step_complete(phase_name="Building engine", step=0) is True
     monitor.phase_finish(phase_name="Building engine")
     assert lines[0] == "TensorRT: Building engine (1 step)" and lines[1].startswith("TensorRT: Building engine done")
+
+
+# --- builder flags: no TF32 in fp32 plans (point 3) ---------------------------------------------------------
+
+
+class FlagConfig:
+    """IBuilderConfig's flag calls, recorded."""
+
+    def __init__(self) -> None:
+        self.cleared: list[str] = []
+
+    def clear_flag(self, flag: str) -> None:
+        self.cleared.append(flag)
+
+
+BUILDER_FLAG = types.SimpleNamespace(TF32="BuilderFlag.TF32")
+
+
+def test_fp32_plans_clear_tf32():
+    config = FlagConfig()
+    assert clear_precision_flags(config, BUILDER_FLAG, "fp32") == ["TF32"]
+    assert config.cleared == ["BuilderFlag.TF32"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_half_precision_plans_keep_the_default_flags(precision):
+    config = FlagConfig()
+    assert clear_precision_flags(config, BUILDER_FLAG, precision) == []
+    assert config.cleared == []
+
+
+def test_int8_is_no_tensorrt_precision():
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16, not 'int8'"):
+        clear_precision_flags(FlagConfig(), BUILDER_FLAG, "int8")

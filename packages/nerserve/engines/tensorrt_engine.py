@@ -6,7 +6,8 @@ flag), one optimization profile per rung of a ladder that covers every batch x s
 tokens fit `max_num_tokens`, and at run time one execution context per profile sharing one block of
 activation memory (batches run one at a time, so they never need it at once).
 
-A build reports its progress through TensorRT's IProgressMonitor (throttled lines, see BuildProgress).
+A build reports its progress through TensorRT's IProgressMonitor (throttled lines, see BuildProgress)
+and builds fp32 plans without TF32.
 
 `tensorrt` is imported lazily: this module imports, and `profile_ladder`, `BuildProgress` and the other
 checks work, on machines without it. `load_engine_dir` (defined with the manifest checks it runs) is
@@ -196,6 +197,28 @@ def tensorrt_progress_monitor(trt, progress: BuildProgress):
     return Monitor()
 
 
+def clear_precision_flags(config, builder_flag, precision: str) -> list[str]:
+    """Clear the builder flags that would make a `precision` plan compute less exactly; returns their names.
+
+    Strongly typed networks take each tensor's type from the ONNX, so there is nothing to set. But
+    NvInfer.h (10.16 and 11.1) documents BuilderFlag::kTF32 as "Allow (but not require) computations on
+    tensors of type DataType::kFLOAT to use TF32 [...] Enabled by default": left on, an fp32 plan runs
+    its matmuls with 10-bit mantissas and misses the 1e-3 parity check against PyTorch fp32. TF32 is a
+    math mode, not a type, and clearing it is allowed on strongly typed networks: what NvInfer.h says
+    they reject are per-layer types (ILayer::setPrecision, setOutputType, setComputePrecision), and the
+    type flags kFP16/kINT8 are deprecated since 10.12 as "Superseded by strong typing", while 11.1, where
+    every network is strongly typed, keeps kTF32; Polygraphy's CreateConfig clears it on every build
+    unless asked for TF32. fp16/bf16 plans keep the default: their float32 islands are LayerNorms and
+    the logits cast, no inner products. `builder_flag` is trt.BuilderFlag (passed in: this runs without
+    TensorRT)."""
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"TensorRT plans are fp32, fp16 or bf16, not {precision!r}")
+    cleared = ["TF32"] if precision == "fp32" else []
+    for name in cleared:
+        config.clear_flag(getattr(builder_flag, name))
+    return cleared
+
+
 def build_engine(
     onnx_path: Path,
     out_dir: Path,
@@ -203,13 +226,15 @@ def build_engine(
     workspace: int,
     timing_cache_path: Path,
     *,
+    precision: str,
     report: Callable[[str], None] = log.info,
 ) -> Path:
     """Build `out_dir/model.plan` from the ONNX: strongly typed, one profile per entry, workspace in bytes.
 
-    The timing cache at `timing_cache_path` is read when present and written back after the build,
-    so rebuilding on the same GPU and TensorRT version skips most kernel timing. Progress goes to
-    `report` as lines (build/build_engine.py passes its stage printer)."""
+    `precision` is the ONNX's (the plan computes in the types it gives) and picks the builder flags to
+    clear. The timing cache at `timing_cache_path` is read when present and written back after the build,
+    so rebuilding on the same GPU and TensorRT version skips most kernel timing. Progress and the
+    choices made go to `report` as lines (build/build_engine.py passes its stage printer)."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -222,6 +247,9 @@ def build_engine(
         raise RuntimeError(f"TensorRT cannot parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    cleared = clear_precision_flags(config, trt.BuilderFlag, precision)
+    if cleared:
+        report(f"TensorRT: {precision} plan, builder flags cleared: {', '.join(cleared)}")
     inputs = [network.get_input(i).name for i in range(network.num_inputs)]
     for minimum, opt, maximum in profiles:
         profile = builder.create_optimization_profile()
