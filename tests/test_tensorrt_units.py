@@ -15,8 +15,10 @@ import pytest
 
 from nerserve.engines.tensorrt_engine import (
     BuildProgress,
+    attach_timing_cache,
     clear_precision_flags,
     tensorrt_progress_monitor,
+    write_atomically,
 )
 
 # --- build progress (issue 15, point 2) ------------------------------------------------------------------
@@ -165,3 +167,98 @@ def test_half_precision_plans_keep_the_default_flags(precision):
 def test_int8_is_no_tensorrt_precision():
     with pytest.raises(ValueError, match="fp32, fp16 or bf16, not 'int8'"):
         clear_precision_flags(FlagConfig(), BUILDER_FLAG, "int8")
+
+
+# --- timing cache: fallback to empty, atomic replacement (point 4) ----------------------------------------
+
+
+class CacheConfig:
+    """IBuilderConfig's timing-cache calls: create_timing_cache returns None for bytes it cannot
+    parse (a null ITimingCache* through the binding); set_timing_cache returns False for a cache
+    from another device (NvInfer.h: "A failure will be reported if the CUDA device property in the
+    provided cache is different from current environment")."""
+
+    def __init__(self) -> None:
+        self.attached: tuple[str, bytes] | None = None
+
+    def create_timing_cache(self, blob: bytes):
+        return None if blob.startswith(b"garbage") else ("cache", bytes(blob))
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False  # a mismatched cache is dropped, never used
+        if cache[1].startswith(b"other gpu"):
+            return False
+        self.attached = cache
+        return True
+
+
+@pytest.mark.parametrize(
+    "content,attached,said",
+    [
+        (None, b"", None),  # no cache yet: empty, silently
+        (b"timings", b"timings", None),
+        (b"garbage\x00\x01", b"", "is unusable"),
+        (b"other gpu timings", b"", "is unusable"),
+        ("a folder", b"", "is unreadable"),
+    ],
+)
+def test_timing_cache_is_used_when_it_can_be_and_empty_otherwise(tmp_path, content, attached, said):
+    path = tmp_path / "timing.cache"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "a folder":
+        path.mkdir()
+    lines: list[str] = []
+    config = CacheConfig()
+    attach_timing_cache(config, path, lines.append)
+    assert config.attached == ("cache", attached)
+    if said is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and str(path) in lines[0] and said in lines[0] and "empty" in lines[0]
+
+
+def test_atomic_write_replaces_and_leaves_nothing_else(tmp_path):
+    path = tmp_path / "cache" / "timing.cache"  # the folder is made when missing
+    write_atomically(path, b"first")
+    write_atomically(path, memoryview(b"second, longer"))
+    assert path.read_bytes() == b"second, longer"
+    assert [p.name for p in path.parent.iterdir()] == ["timing.cache"]
+
+
+def test_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"old")
+    with pytest.raises(TypeError):
+        write_atomically(path, "not bytes")  # fails inside the write, after the temporary file exists
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+
+
+def test_concurrent_writers_never_show_a_reader_part_of_a_file(tmp_path):
+    """Two builds replacing one cache while a third reads it: every read is one whole version."""
+    path = tmp_path / "timing.cache"
+    versions = [bytes([n]) * (256 << 10) for n in (1, 2, 3)]
+    path.write_bytes(versions[0])
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            seen.add(path.read_bytes())
+
+    def write(version: bytes) -> None:
+        for _ in range(15):
+            write_atomically(path, version)
+
+    reader = threading.Thread(target=read)
+    writers = [threading.Thread(target=write, args=(v,)) for v in versions[1:]]
+    reader.start()
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    done.set()
+    reader.join()
+    assert seen <= set(versions) and seen
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]

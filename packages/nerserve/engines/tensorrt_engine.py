@@ -6,8 +6,8 @@ flag), one optimization profile per rung of a ladder that covers every batch x s
 tokens fit `max_num_tokens`, and at run time one execution context per profile sharing one block of
 activation memory (batches run one at a time, so they never need it at once).
 
-A build reports its progress through TensorRT's IProgressMonitor (throttled lines, see BuildProgress)
-and builds fp32 plans without TF32.
+A build reports its progress through TensorRT's IProgressMonitor (throttled lines, see BuildProgress),
+builds fp32 plans without TF32, and shares its timing cache between builds by atomic replacement.
 
 `tensorrt` is imported lazily: this module imports, and `profile_ladder`, `BuildProgress` and the other
 checks work, on machines without it. `load_engine_dir` (defined with the manifest checks it runs) is
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,6 +221,56 @@ def clear_precision_flags(config, builder_flag, precision: str) -> list[str]:
     return cleared
 
 
+def read_timing_cache(path: Path, report: Callable[[str], None]) -> bytes:
+    """The serialized timing cache at `path`; b"" (an empty cache) when it is absent or cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as error:
+        report(f"TensorRT: timing cache {path} is unreadable ({error}); starting from an empty one")
+        return b""
+
+
+def attach_timing_cache(config, path: Path, report: Callable[[str], None]) -> None:
+    """Attach the timing cache at `path` to `config`, or an empty one when it cannot be used.
+
+    A cache TensorRT cannot parse (create_timing_cache gives None) or refuses (set_timing_cache is
+    False: another GPU or TensorRT version, or damaged) only costs time, so the build goes on from an
+    empty cache, saying so. NvInfer.h: "The cache must not be destroyed until after the engine is
+    built"; the binding's set_timing_cache makes the config hold it (keep_alive), so nothing else must."""
+    blob = read_timing_cache(path, report)
+    if blob:
+        cache = config.create_timing_cache(blob)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        report(
+            f"TensorRT: timing cache {path} is unusable (damaged, or from another GPU or TensorRT version); "
+            "starting from an empty one"
+        )
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused an empty timing cache")
+
+
+def write_atomically(path: Path, data) -> None:
+    """Write `data` (bytes or a buffer) to `path` so a reader sees the old file or the new one, never a part.
+
+    A temporary file in the same folder, then os.replace (an atomic rename on one filesystem): two
+    builds sharing a timing cache (the test fixture runs them side by side) each leave a whole cache,
+    the last one written winning, and a build killed mid-write leaves no half file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def build_engine(
     onnx_path: Path,
     out_dir: Path,
@@ -232,7 +284,7 @@ def build_engine(
     """Build `out_dir/model.plan` from the ONNX: strongly typed, one profile per entry, workspace in bytes.
 
     `precision` is the ONNX's (the plan computes in the types it gives) and picks the builder flags to
-    clear. The timing cache at `timing_cache_path` is read when present and written back after the build,
+    clear. The timing cache at `timing_cache_path` is read when usable and replaced after the build,
     so rebuilding on the same GPU and TensorRT version skips most kernel timing. Progress and the
     choices made go to `report` as lines (build/build_engine.py passes its stage printer)."""
     import tensorrt as trt
@@ -256,19 +308,15 @@ def build_engine(
         for name in inputs:
             profile.set_shape(name, minimum, opt, maximum)
         config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache_path.read_bytes() if timing_cache_path.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another GPU/version: start afresh
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    attach_timing_cache(config, timing_cache_path, report)
     # the monitor must outlive the build: the binding's setter makes the config hold it (keep_alive)
     config.progress_monitor = tensorrt_progress_monitor(trt, BuildProgress(report))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    timing_cache_path.parent.mkdir(parents=True, exist_ok=True)
-    timing_cache_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(timing_cache_path, memoryview(config.get_timing_cache().serialize()))
     path = out_dir / PLAN_NAME
-    path.write_bytes(memoryview(plan))
+    write_atomically(path, memoryview(plan))
     return path
 
 
