@@ -10,13 +10,16 @@ from __future__ import annotations
 import re
 import threading
 import types
+from pathlib import Path
 
 import pytest
 
 from nerserve.engines.tensorrt_engine import (
     BuildProgress,
     attach_timing_cache,
+    check_io,
     clear_precision_flags,
+    set_batch_shape,
     tensorrt_progress_monitor,
     write_atomically,
 )
@@ -262,3 +265,59 @@ def test_concurrent_writers_never_show_a_reader_part_of_a_file(tmp_path):
     reader.join()
     assert seen <= set(versions) and seen
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+
+
+# --- run-time checks: inputs written in full (point 5), refused shapes (point 6) ------------------------------
+
+
+@pytest.mark.parametrize("inputs", [["input_ids", "attention_mask"], ["input_ids", "attention_mask", "token_type_ids"]])
+def test_plans_whose_inputs_run_writes_are_accepted(inputs):
+    check_io(Path("model.plan"), inputs, ["logits"])
+
+
+@pytest.mark.parametrize(
+    "inputs,outputs",
+    [
+        (["input_ids"], ["logits"]),  # no attention mask: run() reads it back to find the real tokens
+        (["input_ids", "attention_mask", "position_ids"], ["logits"]),  # a buffer run() would never write
+        (["input_ids", "attention_mask"], ["logits", "hidden_states"]),
+    ],
+)
+def test_plans_with_inputs_run_would_leave_unwritten_are_refused(inputs, outputs):
+    """The input buffers are allocated with torch.empty (no fill on another stream): that is sound
+    only because run() writes every input it has, which this check guarantees."""
+    with pytest.raises(ValueError, match=r"model\.plan: expected inputs .* found inputs"):
+        check_io(Path("model.plan"), inputs, outputs)
+
+
+class ShapeContext:
+    """IExecutionContext.set_input_shape: False for a shape outside the context's profile (its documented
+    return value: "True on success, false if [...] some other error occurred")."""
+
+    def __init__(self, minimum: tuple[int, int], maximum: tuple[int, int]) -> None:
+        self.minimum, self.maximum = minimum, maximum
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def set_input_shape(self, name: str, shape: tuple[int, int]) -> bool:
+        if not all(lo <= n <= hi for lo, n, hi in zip(self.minimum, shape, self.maximum, strict=True)):
+            return False
+        self.shapes[name] = shape
+        return True
+
+
+PROFILE = ((1, 1), (32, 16), (64, 16))
+
+
+def test_batch_shape_is_set_on_every_input():
+    context = ShapeContext(PROFILE[0], PROFILE[2])
+    set_batch_shape(context, ["input_ids", "attention_mask"], (64, 9), 3, PROFILE)
+    assert context.shapes == {"input_ids": (64, 9), "attention_mask": (64, 9)}
+
+
+def test_refused_batch_shape_names_the_input_the_shape_and_the_profile():
+    context = ShapeContext(PROFILE[0], PROFILE[2])
+    message = (
+        r"refused shape \(2, 17\) for input 'input_ids' on optimization profile 3 \(min \(1, 1\), max \(64, 16\)\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        set_batch_shape(context, ["input_ids", "attention_mask"], (2, 17), 3, PROFILE)

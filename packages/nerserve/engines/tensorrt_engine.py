@@ -320,6 +320,39 @@ def build_engine(
     return path
 
 
+# --- serving a plan ------------------------------------------------------------------------------------
+
+
+#: the inputs a plan from onnx_export may have; run() writes each in full for every batch
+FEEDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def check_io(plan_path: Path, inputs: list[str], outputs: list[str]) -> None:
+    """Refuse a plan whose inputs run() would not write in full, or whose outputs it would not read.
+
+    run() overwrites each input buffer's [:batch x longest] before every batch, which is why the
+    buffers are allocated without a fill; an input outside FEEDS would be read unwritten."""
+    if outputs != ["logits"] or not {"input_ids", "attention_mask"} <= set(inputs) <= set(FEEDS):
+        raise ValueError(
+            f"{plan_path}: expected inputs input_ids/attention_mask[/token_type_ids] and output "
+            f"logits, found inputs {inputs} and outputs {outputs}"
+        )
+
+
+def set_batch_shape(context, inputs: list[str], shape: tuple[int, int], index: int, profile: Profile) -> None:
+    """Set every input of `context` (on profile `index`) to `shape`; a refusal raises, naming both.
+
+    set_input_shape returns False for a shape outside the context's profile; unchecked, that
+    surfaces later as a failed execute_async_v3 that says nothing about shapes."""
+    for name in inputs:
+        if not context.set_input_shape(name, shape):
+            minimum, _, maximum = profile
+            raise ValueError(
+                f"TensorRT refused shape {shape} for input {name!r} on optimization profile {index} "
+                f"(min {minimum}, max {maximum})"
+            )
+
+
 def _shape(dims) -> tuple[int, int]:
     """A (batch, sequence) shape from TensorRT's Dims."""
     batch, sequence = (int(d) for d in dims)
@@ -371,26 +404,29 @@ class TensorRTEngine(Engine):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if outputs != ["logits"] or "input_ids" not in self._inputs:
-            raise ValueError(
-                f"{plan_path}: expected inputs input_ids/attention_mask[/token_type_ids] and output "
-                f"logits, found inputs {self._inputs} and outputs {outputs}"
-            )
+        check_io(Path(plan_path), self._inputs, outputs)
         self._profiles: list[Profile] = []
         for i in range(engine.num_optimization_profiles):
             minimum, opt, maximum = (_shape(s) for s in engine.get_tensor_profile_shape("input_ids", i))
             self._profiles.append((minimum, opt, maximum))
         self._labels = int(engine.get_tensor_shape("logits")[-1])
         capacity = max(maximum[0] * maximum[1] for _, _, maximum in self._profiles)
+        # A pooled stream does not synchronize with the default stream, so nothing used on it is
+        # filled elsewhere: the engine's stream first waits for what the caller queued before, then
+        # its memory is allocated on it (the caching allocator then hands out only blocks this
+        # stream freed) with torch.empty, which queues no kernel; check_io guarantees run() writes
+        # every input it reads.
         self._stream = torch.cuda.Stream(self._device)
-        self._buffers = {
-            n: torch.zeros(capacity, dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self._device)
-            for n in self._inputs
-        }
-        self._logits = torch.empty(
-            capacity * self._labels, dtype=_torch_dtype(engine.get_tensor_dtype("logits")), device=self._device
-        )
-        self._memory = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=self._device)
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(self._stream):
+            self._buffers = {
+                n: torch.empty(capacity, dtype=_torch_dtype(engine.get_tensor_dtype(n)), device=self._device)
+                for n in self._inputs
+            }
+            self._logits = torch.empty(
+                capacity * self._labels, dtype=_torch_dtype(engine.get_tensor_dtype("logits")), device=self._device
+            )
+            self._memory = torch.empty(engine.device_memory_size_v2, dtype=torch.uint8, device=self._device)
         self._contexts = [self._context(i) for i in range(engine.num_optimization_profiles)]
         self._lock = threading.Lock()
 
@@ -413,13 +449,14 @@ class TensorRTEngine(Engine):
             return []
         ids, mask = pad_batch(sequences, self._pad_id)
         batch, longest = ids.shape
-        context = self._contexts[pick_profile(self._profiles, batch, longest)]
-        host = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        index = pick_profile(self._profiles, batch, longest)
+        context = self._contexts[index]
+        host = dict(zip(FEEDS, (ids, mask, np.zeros_like(ids)), strict=True))
         with self._lock, torch.cuda.stream(self._stream):
+            set_batch_shape(context, self._inputs, (batch, longest), index, self._profiles[index])
             for name, buffer in self._buffers.items():
                 view = buffer[: batch * longest]
                 view.copy_(torch.from_numpy(host[name]).reshape(-1).to(buffer.dtype), non_blocking=True)
-                context.set_input_shape(name, (batch, longest))
             if not context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run a batch of {batch} x {longest}")
             logits = self._logits[: batch * longest * self._labels].view(batch, longest, self._labels)
