@@ -4,12 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# Settings (CHECKPOINT, ENGINE, ENGINE_DIR, PRECISION, MAX_NUM_TOKENS, PORT, ...) are read by the server
-# from the environment, over config.yaml's model_metadata: `make serve CHECKPOINT=...` passes them on.
-# Defaults live in config.yaml only, so the two never disagree.
+# Settings keep their short names here (`make serve CHECKPOINT=... ENGINE=torch`, from the command line
+# or the environment) and reach the server as NERSERVE_<NAME>, over config.yaml's model_metadata, where
+# their defaults live. PORT is taken from the command line only: platforms set PORT in the environment
+# for their own proxy (Baseten does), and a server that took it would bind the proxy's port.
+SETTINGS := CHECKPOINT REVISION ENGINE ENGINE_DIR PRECISION MAX_NUM_TOKENS WINDOW_STRIDE WORKERS MAX_TEXTS \
+	MAX_BODY_BYTES QUEUE_SIZE BATCH_WAIT_MS REQUEST_TIMEOUT_S API_KEY HOST LOG_LEVEL
+$(foreach name,$(SETTINGS),$(if $($(name)),$(eval export NERSERVE_$(name) := $($(name)))))
+ifeq ($(origin PORT),command line)
+export NERSERVE_PORT := $(PORT)
+endif
 OUT ?= data/engine
-MAX_NUM_TOKENS ?= 16384
-export CHECKPOINT REVISION ENGINE ENGINE_DIR PRECISION PORT WINDOW_STRIDE MAX_TEXTS API_KEY
 export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
 .PHONY: install lint format serve test stress bench build-engine clean
@@ -24,9 +29,6 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 install: $(STAMP)
 
-serve: $(STAMP)
-	$(PY) -m nerserve.server
-
 # ruff (lint and format check) and mypy, with their settings in pyproject.toml; `make test` runs it first.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -38,6 +40,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+serve: $(STAMP)
+	$(PY) -m nerserve.server
+
 test: lint
 	$(PY) -m pytest -q tests
 
@@ -47,9 +52,9 @@ stress: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 
+# The checkpoint, precision and budget default to the server's (config.yaml, engine defaults).
 build-engine: $(STAMP)
-	$(PY) build/build_engine.py --checkpoint "$(or $(CHECKPOINT),dslim/bert-base-NER-uncased)" $(if $(REVISION),--revision "$(REVISION)") \
-		--max-num-tokens $(MAX_NUM_TOKENS) $(if $(PRECISION),--precision $(PRECISION)) --out "$(OUT)"
+	$(PY) build/build_engine.py --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

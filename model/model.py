@@ -1,7 +1,8 @@
-"""The Truss Model: what `truss push` deploys and `truss.load(".")` runs in-process.
+"""The Truss Model: what `truss.load(".")` runs in-process (and Truss's own server would serve).
 
-Truss's own server routes only `predict`, so the HTTP routes of API.md are served by
-`nerserve.server` (through `docker_server` in config.yaml), which calls this class."""
+Deployed, the image runs `python -m nerserve.server` instead (config.yaml's docker_server: Truss's
+server routes only `predict`, API.md has more routes). Both build the service the same way: the
+settings of config.yaml through `Settings.from_config`, then `NerService`."""
 
 from __future__ import annotations
 
@@ -23,40 +24,17 @@ class Model:
 
     def __init__(self, **kwargs: Any) -> None:
         self._config = kwargs.get("config") or {}
-        self._data_dir = kwargs.get("data_dir")
-        self._secrets = kwargs.get("secrets") or {}
+        self._secrets = kwargs.get("secrets")
         self._service: NerService | None = None
 
-    @property
-    def settings(self) -> Settings:
-        """model_metadata overridden by the environment; the hub token from Truss's secret if set."""
-        metadata = dict(self._config.get("model_metadata") or {})
-        token = _secret(self._secrets, "hf_access_token")
-        if token and not metadata.get("hf_token"):
-            metadata["hf_token"] = token
-        return Settings.load(metadata)
-
-    def load(self, observe_batch=None) -> None:
+    def load(self) -> None:
         """Load checkpoint and engine, and answer one warm-up request."""
-        self._service = NerService(self.settings, observe_batch=observe_batch)
+        self._service = NerService(Settings.from_config(self._config, self._secrets))
         self._service.warm_up()
-
-    @property
-    def service(self) -> NerService:
-        if self._service is None:
-            raise RuntimeError("Model.load() has not run")
-        return self._service
 
     def predict(self, request: dict) -> list[list[dict]]:
         """A /predict_tokens body in, one result list per text out."""
-        parsed = parse_request(request, self.service.settings.max_texts)
-        return self.service.predict(parsed, timeout=self.service.settings.request_timeout_s)
-
-
-def _secret(secrets: Any, name: str) -> str | None:
-    """Truss passes a mapping that raises for a secret not configured; treat that as absent."""
-    try:
-        value = secrets[name]
-    except Exception:
-        return None
-    return value or None
+        if self._service is None:
+            raise RuntimeError("Model.load() has not run")
+        settings = self._service.settings
+        return self._service.predict(parse_request(request, settings.max_texts), timeout=settings.request_timeout_s)

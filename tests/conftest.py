@@ -84,17 +84,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m nerserve.server` as a real process on a free port."""
+    """`python -m nerserve.server` as a real process on a free port. `settings` maps setting names
+    (CHECKPOINT, ENGINE, ...) to values, given to the server as NERSERVE_<NAME>. The environment's
+    PORT is set to another port, as a platform sets it for its own proxy: the server must not use it."""
 
-    def __init__(self, env: dict[str, str], cwd: Path = ROOT) -> None:
+    def __init__(self, settings: dict[str, str], cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_") or k == "NERSERVE_CACHE"},
             "PYTHONPATH": f"{ROOT / 'packages'}",
-            "PORT": str(self.port),
+            "PORT": str(free_port()),
+            "NERSERVE_PORT": str(self.port),
             "NERSERVE_CONFIG": str(ROOT / "config.yaml"),
-            **env,
+            **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
         }
         self.log_path = Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:  # the server keeps its own copy of the descriptor

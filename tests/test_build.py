@@ -23,7 +23,6 @@ import corpus
 from nerserve import manifest as manifest_lib
 from nerserve import onnx_export
 from nerserve.checkpoint import Checkpoint, load_checkpoint
-from nerserve.engines import tensorrt_engine
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
 
@@ -109,7 +108,7 @@ def test_cli_writes_a_checked_engine_dir(cli_builds, build_checkpoints, kind):
     if kind == "wordpiece-uncased":
         assert manifest["artefacts"]["onnxruntime"] == {"file": onnx_export.INT8_NAME, "precision": "int8"}
         served = manifest_lib.load_engine_dir(out, build_checkpoints[kind])
-        assert served == ("onnx", out / onnx_export.INT8_NAME, "int8")
+        assert served[:3] == ("onnx", out / onnx_export.INT8_NAME, "int8")
         assert ("entity F1 on eng.testa (20 sentences" in lines) if CONLL.is_file() else ("not measured" in lines)
     graph = onnx.load(str(out / onnx_export.ONNX_NAME))
     assert graph.opset_import[0].version >= onnx_export.OPSET
@@ -127,7 +126,7 @@ def test_served_onnx_answers_as_the_checkpoint(cli_builds, build_checkpoints, ki
     from nerserve.engines.torch_engine import TorchEngine
 
     checkpoint = build_checkpoints[kind]
-    engine_kind, path, precision = manifest_lib.load_engine_dir(cli_builds[kind][1], checkpoint, "onnxruntime")
+    engine_kind, path, precision, _, _ = manifest_lib.load_engine_dir(cli_builds[kind][1], checkpoint, "onnxruntime")
     assert (engine_kind, path.name, precision) == ("onnx", onnx_export.ORT_OPTIMIZED_NAME, "fp32")
     pad = checkpoint.tokenizer.pad_token_id
     sequences = _sequences(checkpoint)
@@ -177,10 +176,10 @@ def engine_copy(cli_builds, tmp_path) -> Path:
 
 
 def test_unchanged_dir_is_served(engine_copy, build_checkpoints):
-    served = tensorrt_engine.load_engine_dir(
+    served = manifest_lib.load_engine_dir(
         engine_copy, build_checkpoints["wordpiece-cased"], here=manifest_lib.Platform(None, None, None)
     )
-    assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32")
+    assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32", None, None)
 
 
 def test_changed_byte_is_refused(engine_copy, build_checkpoints):
@@ -228,10 +227,10 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
     assert saved["gpu"]["gpu_name"] == built_on.gpu_name and saved["versions"]["tensorrt"] == "10.13.0"
     assert len(saved["profiles"]) == len(profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens))
 
-    def serve(here: manifest_lib.Platform, engine: str = "auto"):
-        return manifest_lib.load_engine_dir(engine_copy, checkpoint, engine, here=here)
+    def serve(here: manifest_lib.Platform, engine: str = "auto", **asked):
+        return manifest_lib.load_engine_dir(engine_copy, checkpoint, engine, here=here, **asked)
 
-    assert serve(built_on) == ("tensorrt", engine_copy / "model.plan", "fp16")
+    assert serve(built_on) == ("tensorrt", engine_copy / "model.plan", "fp16", MAX_NUM_TOKENS, None)
     assert serve(manifest_lib.Platform(None, None, None)).kind == "onnx"
     assert serve(built_on, "onnxruntime").kind == "onnx"
     with pytest.raises(ValueError, match="built for NVIDIA H100 80GB HBM3 .*this machine has NVIDIA L4"):
@@ -240,6 +239,20 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
         serve(dataclasses.replace(built_on, tensorrt_version="11.0.0"))
     with pytest.raises(ValueError, match="no CUDA GPU"):
         serve(manifest_lib.Platform(None, None, None), "tensorrt")
+    # The batch budget: a plan's profiles hold the budget it was built for, never more (no batch the plan
+    # cannot run: the server's batches would fail with 500s); less is served as asked.
+    lowered = serve(built_on, max_num_tokens=4 * MAX_NUM_TOKENS)
+    assert lowered.max_num_tokens == MAX_NUM_TOKENS and f"built for max_num_tokens={MAX_NUM_TOKENS}" in lowered.note
+    assert serve(built_on, max_num_tokens=MAX_NUM_TOKENS // 2)[3:] == (MAX_NUM_TOKENS // 2, None)
+    assert serve(manifest_lib.Platform(None, None, None), max_num_tokens=4 * MAX_NUM_TOKENS).max_num_tokens == (
+        4 * MAX_NUM_TOKENS  # the ONNX graph has dynamic shapes: any budget
+    )
+    # The precision: the artefact chosen must be the one asked for.
+    assert serve(built_on, precision="fp16").kind == "tensorrt"
+    with pytest.raises(ValueError, match="serves fp16 .* but precision fp32 was asked for"):
+        serve(built_on, precision="fp32")
+    with pytest.raises(ValueError, match="serves fp32 .* but precision int8 was asked for"):
+        serve(manifest_lib.Platform(None, None, None), precision="int8")
 
 
 # --- TensorRT profiles ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from test_parity import compare, oracle
 
 import corpus
 from conftest import ServerProcess, real_checkpoint
+from nerserve.metrics import STAGES
 
 SEED = {
     "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
@@ -104,7 +105,7 @@ def test_info_metrics_openapi(server) -> None:
         "nerserve_queue_depth",
         "nerserve_batch_size_bucket",
         "nerserve_request_seconds_bucket",
-        "nerserve_engine_seconds_bucket",
+        *(f'nerserve_stage_seconds_count{{stage="{stage}"}}' for stage in STAGES),
     ):
         assert name in metrics
     spec = httpx.get(server.url + "/openapi.json").json()

@@ -137,12 +137,12 @@ def test_overlong_texts_equal_pipeline_with_stride(built, kind: str) -> None:
     svc = service(path, "onnxruntime")
     for strategy in GROUPED:
         got = ours(path, "onnxruntime", long_texts, aggregation_strategy=strategy, truncate=False)
-        want = oracle(path, strategy, stride=svc.settings.window_stride, texts=tuple(long_texts))
+        want = oracle(path, strategy, stride=svc.tokenizer.window_stride, texts=tuple(long_texts))
         items, worst = compare(want, got, long_texts, TOLERANCE["onnxruntime"])
         # whole text read: entities beyond the first window exist
         assert max(a["end"] for a in got[0]) > max(a["end"] for a in oracle(path, strategy, texts=tuple(long_texts))[0])
         record(
-            f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.settings.window_stride}): "
+            f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.tokenizer.window_stride}): "
             f"{len(long_texts)} texts, {items} entities equal, max score diff {worst:.1e}"
         )
 
@@ -157,7 +157,7 @@ def test_overlong_none_reads_every_token_once_from_its_most_central_window(built
     full = tokenizer(text, truncation=False, return_offsets_mapping=True)
     assert [t["token_id"] for t in got] == full["input_ids"]
     assert [(t["start"], t["end"]) for t in got] == [tuple(o) for o in full["offset_mapping"]]
-    stride = svc.settings.window_stride
+    stride = svc.tokenizer.window_stride
     windows = tokenizer(
         text, truncation=True, stride=stride, return_overflowing_tokens=True, padding=True, return_tensors="pt"
     )

@@ -3,18 +3,27 @@ the container start script, and the Model class used in-process (`truss.load("."
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import truss
 import yaml
 from packaging.requirements import Requirement
 from truss.base.truss_config import TrussConfig
+
+from conftest import free_port
+from nerserve import manifest as manifest_lib
+from nerserve.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = {
@@ -173,62 +182,158 @@ def test_requirements_install_under_truss_constraints(context):
             assert constraints[name].specifier.contains(pinned), f"{req} breaks Truss's constraint {constraints[name]}"
 
 
-# --- model/start.sh, run with a fake GPU ----------------------------------------------------------------
+# --- the image's start command, run as the platform runs it ----------------------------------------------
+
+
+@pytest.fixture
+def image(context, tmp_path) -> Path:
+    """The image's file system as Truss's Dockerfile lays it out, from the build context: /app (config.yaml,
+    model/, data/) and /packages, under tmp_path instead of /."""
+    root = tmp_path / "image"
+    (root / "app").mkdir(parents=True)
+    for name in ("config.yaml", "model", "data"):
+        source = context / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, root / "app" / name)
+    shutil.copytree(context / "packages", root / "packages")
+    return root
+
+
+def _platform_start(image: Path, tmp_path: Path, **settings: str) -> tuple[subprocess.Popen, int, socket.socket]:
+    """Run docker_server.start_command as supervisord does, with what the platform adds: PORT (taken by
+    its proxy: here a listener of ours) and HOSTNAME, the secrets mounted as files, config.yaml's
+    environment_variables. Paths under / are moved under `image`. Returns (process, server port, proxy)."""
+    config = yaml.safe_load((image / "app" / "config.yaml").read_text())
+
+    def moved(value: str) -> str:
+        return value.replace("/app", str(image / "app")).replace("/packages", str(image / "packages"))
+
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen()
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "hf_access_token").write_text("hf_platform_secret\n")
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("NERSERVE_", "HF_"))},
+        **{name: moved(str(value)) for name, value in config["environment_variables"].items()},
+        "PORT": str(proxy.getsockname()[1]),
+        "HOSTNAME": "ner-predict-tokens-7d9f-abcde",
+        "NERSERVE_SECRETS_DIR": str(secrets),
+        "PYTHON_EXECUTABLE": sys.executable,  # the image's python3
+        "NERSERVE_PORT": str(port),  # config.yaml's 8000 may be taken on a test machine
+        "NERSERVE_CACHE": os.environ["NERSERVE_CACHE"],
+        **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
+    }
+    command = moved(config["docker_server"]["start_command"]).split()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, port, proxy
+
+
+def test_start_command_serves_on_its_own_port_beside_the_platforms(image, tmp_path):
+    from checkpoints import build
+
+    checkpoint = build("wordpiece-cased", tmp_path / "ckpt")
+    process, port, proxy = _platform_start(image, tmp_path, checkpoint=str(checkpoint), engine="onnxruntime")
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.3)
+        assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+        answer = httpx.post(f"http://127.0.0.1:{port}/predict_tokens", json=SEED, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()) == 1
+        # start.sh exec'd the server (same pid), with the mounted secret as the hub token.
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert b"HF_TOKEN=hf_platform_secret" in environ
+        assert proxy.fileno() != -1  # the platform's port is still its proxy's
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+        proxy.close()
+    assert process.returncode == 0 and "shutdown complete" in output, output[-2000:]
+
+
+def test_start_command_with_a_checkpoint_that_cannot_load_exits_naming_why(image, tmp_path):
+    started = time.monotonic()
+    process, _, proxy = _platform_start(image, tmp_path, checkpoint="nerserve-tests/no-such-model")
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        proxy.close()
+    assert process.returncode != 0 and time.monotonic() - started < 60
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("nerserve: cannot load the model: CheckpointUnavailable: cannot load checkpoint")
+    assert "'nerserve-tests/no-such-model'" in last and "make serve CHECKPOINT=/path/to/folder" in last
+    assert "Traceback" not in output
+
+
+# --- model/start.sh's engine decision, with a simulated GPU ---------------------------------------------
+
+
+GPU = manifest_lib.Platform("NVIDIA H100 80GB HBM3", "9.0", "10.16.1.11")
 
 
 @pytest.fixture
 def app(tmp_path) -> Path:
-    """An /app-like folder (config.yaml, model/start.sh) plus a fake python: `-m nerserve.server` prints
-    ENGINE_DIR instead of serving, build_engine writes a manifest and logs its arguments."""
+    """An /app-like folder (config.yaml, model/start.sh) plus a fake `python`: `-m nerserve.server` prints
+    the engine folder it would serve instead of serving; everything else runs for real, with torch seeing
+    an H100 and `tensorrt` importable, and build_engine writing a stand-in plan and a real manifest."""
     app = tmp_path / "app"
     (app / "model").mkdir(parents=True)
     shutil.copy(REPO / "config.yaml", app)
     shutil.copy(REPO / "model" / "start.sh", app / "model")
     fakes = tmp_path / "fakes"
     fakes.mkdir()
-    (fakes / "build_engine.py").write_text(
-        "import argparse, json, pathlib, sys\n"
-        "p = argparse.ArgumentParser(); p.add_argument('--checkpoint'); p.add_argument('--revision')\n"
-        "p.add_argument('--max-num-tokens'); p.add_argument('--precision'); p.add_argument('--out')\n"
-        "a = p.parse_args()\n"
-        f"open({str(tmp_path / 'builds.log')!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-        "(pathlib.Path(a.out) / 'manifest.json').write_text('{}')\n"
+    (fakes / "tensorrt.py").write_text(f"__version__ = {GPU.tensorrt_version!r}\n")
+    (fakes / "sitecustomize.py").write_text(
+        "import torch\ntorch.cuda.is_available = lambda: True\n"
+        f"torch.cuda.get_device_name = lambda i=0: {GPU.gpu_name!r}\n"
+        "torch.cuda.get_device_capability = lambda i=0: (9, 0)\n"
     )
+    (fakes / "build_engine.py").write_text(_FAKE_BUILD.replace("BUILDS_LOG", repr(str(tmp_path / "builds.log"))))
     python = tmp_path / "python"
     python.write_text(
         '#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then\n'
-        '  echo "ENGINE_DIR=${ENGINE_DIR:-}"; exit 0\nfi\n'
+        '  echo "ENGINE_DIR=${NERSERVE_ENGINE_DIR:-}"; exit 0\nfi\n'
         f'exec {sys.executable} "$@"\n'
     )
     python.chmod(0o755)
     return app
 
 
-GPU = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.16.1.11"}
+# The fake build: logs its arguments, writes a stand-in plan and ONNX, and the manifest the real build writes.
+_FAKE_BUILD = """
+import argparse, json, pathlib, sys
+from nerserve import manifest
+from nerserve.checkpoint import load_checkpoint
+p = argparse.ArgumentParser()
+p.add_argument("--checkpoint"); p.add_argument("--precision")
+p.add_argument("--max-num-tokens", type=int); p.add_argument("--out", type=pathlib.Path)
+a = p.parse_args()
+open(BUILDS_LOG, "a").write(json.dumps(sys.argv[1:]) + "\\n")
+for name in ("model.plan", "model.ort.onnx"):
+    (a.out / name).write_bytes(b"stand-in " + name.encode())
+manifest.write_manifest(a.out, load_checkpoint(a.checkpoint), None, precision=a.precision or "fp16",
+    max_num_tokens=a.max_num_tokens, platform=manifest.current_platform(),
+    artefacts={"onnxruntime": {"file": "model.ort.onnx", "precision": "fp32"},
+               "tensorrt": {"file": "model.plan", "precision": a.precision or "fp16"}})
+"""
 
 
-def _with_gpu(fakes: Path) -> None:
-    """Make torch see an H100 and `tensorrt` importable, for the start script's Python only."""
-    (fakes / "tensorrt.py").write_text(f"__version__ = {GPU['tensorrt_version']!r}\n")
-    (fakes / "sitecustomize.py").write_text(
-        "import torch\ntorch.cuda.is_available = lambda: True\n"
-        f"torch.cuda.get_device_name = lambda i=0: {GPU['gpu_name']!r}\n"
-        "torch.cuda.get_device_capability = lambda i=0: (9, 0)\n"
-    )
-
-
-def _start(app: Path, **env: str) -> tuple[str, list[list[str]]]:
-    """Run start.sh; return the ENGINE_DIR the server would get and the engine builds it ran."""
+def _start(app: Path, gpu: bool = True, **settings: str) -> tuple[str, list[list[str]]]:
+    """Run start.sh; return the engine folder the server would get and the engine builds it ran."""
     root = app.parent
-    inherited = {
-        k: v for k, v in os.environ.items() if k not in ("NERSERVE_CONFIG", "ENGINE", "ENGINE_DIR", "CHECKPOINT")
-    }
     environ = {
-        **inherited,
+        **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_")},
+        "NERSERVE_CACHE": os.environ["NERSERVE_CACHE"],
         "PYTHON_EXECUTABLE": str(root / "python"),
-        "ENGINE_CACHE_DIR": str(root / "cache"),
-        "PYTHONPATH": f"{root / 'fakes'}:{REPO / 'packages'}",
-        **env,
+        "NERSERVE_ENGINE_CACHE_DIR": str(root / "cache"),
+        "PYTHONPATH": os.pathsep.join([*([str(root / "fakes")] if gpu else []), str(REPO / "packages")]),
+        **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
     }
     done = subprocess.run(
         ["sh", str(app / "model" / "start.sh")], env=environ, capture_output=True, text=True, timeout=300
@@ -239,39 +344,57 @@ def _start(app: Path, **env: str) -> tuple[str, list[list[str]]]:
     return done.stdout.strip().removeprefix("ENGINE_DIR="), builds
 
 
-def test_start_builds_the_engine_once_into_the_cache(app):
-    _with_gpu(app.parent / "fakes")
-    engine_dir, builds = _start(app, CHECKPOINT="some/ner-model")
+def test_start_builds_the_engine_once_into_the_cache(app, built):
+    checkpoint = str(built("wordpiece-cased"))
+    engine_dir, builds = _start(app, checkpoint=checkpoint)
     assert Path(engine_dir).parent == app.parent / "cache" and (Path(engine_dir) / "manifest.json").is_file()
-    assert len(builds) == 1 and builds[0][:2] == ["--checkpoint", "some/ner-model"]
-    assert builds[0][builds[0].index("--max-num-tokens") + 1] == "16384"
-    again, builds = _start(app, CHECKPOINT="some/ner-model")  # a restart finds the cached engine
+    assert len(builds) == 1 and builds[0][builds[0].index("--max-num-tokens") + 1] == "16384"
+    again, builds = _start(app, checkpoint=checkpoint)  # a restart finds the cached engine
     assert (again, len(builds)) == (engine_dir, 1)
-    other, builds = _start(app, CHECKPOINT="other/ner-model")  # another checkpoint gets its own
+    other, builds = _start(app, checkpoint=str(built("wordpiece-uncased")))  # another checkpoint: its own
     assert other != engine_dir and len(builds) == 2
+    bigger, builds = _start(app, checkpoint=checkpoint, max_num_tokens="32768")  # another budget: its own
+    assert bigger not in (engine_dir, other) and len(builds) == 3
 
 
-def test_start_uses_a_fitting_engine_shipped_in_data(app):
-    _with_gpu(app.parent / "fakes")
-    (app / "data" / "engine").mkdir(parents=True)
-    manifest = {
-        "format": 1,
-        "artefacts": {"tensorrt": {}},
-        "gpu": GPU,
-        "checkpoint": {"id": "dslim/bert-base-NER-uncased"},
-    }
-    (app / "data" / "engine" / "manifest.json").write_text(json.dumps(manifest))
-    assert _start(app) == (str(app / "data" / "engine"), [])
-    manifest["gpu"] = {**GPU, "tensorrt_version": "10.13.3.9"}  # built by another TensorRT: rebuild
-    (app / "data" / "engine" / "manifest.json").write_text(json.dumps(manifest))
-    engine_dir, builds = _start(app)
+def test_start_uses_a_fitting_engine_shipped_in_data(app, built, tmp_path):
+    checkpoint = built("wordpiece-cased")
+    shipped = app / "data" / "engine"
+
+    def ship(platform: manifest_lib.Platform, max_num_tokens: int = 16384, precision: str = "fp16") -> None:
+        shutil.rmtree(shipped, ignore_errors=True)
+        shipped.mkdir(parents=True)
+        for name in ("model.plan", "model.ort.onnx"):
+            (shipped / name).write_bytes(b"stand-in")
+        manifest_lib.write_manifest(
+            shipped,
+            load_checkpoint(str(checkpoint)),
+            None,
+            precision=precision,
+            max_num_tokens=max_num_tokens,
+            platform=platform,
+            artefacts={
+                "onnxruntime": {"file": "model.ort.onnx", "precision": "fp32"},
+                "tensorrt": {"file": "model.plan", "precision": precision},
+            },
+        )
+
+    ship(GPU)
+    assert _start(app, checkpoint=str(checkpoint)) == (str(shipped), [])
+    ship(GPU, max_num_tokens=8192)  # built for a smaller budget: served, the server lowering its budget to it
+    assert _start(app, checkpoint=str(checkpoint)) == (str(shipped), [])
+    ship(dataclasses.replace(GPU, tensorrt_version="10.13.3.9"))  # built by another TensorRT: rebuild
+    engine_dir, builds = _start(app, checkpoint=str(checkpoint))
     assert Path(engine_dir).parent == app.parent / "cache" and len(builds) == 1
+    ship(GPU, precision="bf16")  # another precision than asked for: a build of the one asked for
+    fp16_dir, builds = _start(app, checkpoint=str(checkpoint), precision="fp16")
+    assert Path(fp16_dir).parent == app.parent / "cache" and builds[-1][-4:-2] == ["--precision", "fp16"]
 
 
-def test_start_builds_nothing_without_a_gpu_or_for_another_engine(app):
-    assert _start(app) == ("", [])  # this machine: no CUDA GPU, no tensorrt
-    _with_gpu(app.parent / "fakes")
-    assert _start(app, ENGINE="torch") == ("", [])
+def test_start_builds_nothing_without_a_gpu_or_for_another_engine(app, built):
+    checkpoint = str(built("wordpiece-cased"))
+    assert _start(app, gpu=False, checkpoint=checkpoint) == ("", [])  # this machine: no CUDA GPU, no tensorrt
+    assert _start(app, checkpoint=checkpoint, engine="torch") == ("", [])
 
 
 # --- the Model class in-process --------------------------------------------------------------------------
@@ -282,8 +405,8 @@ def test_truss_load_predicts_in_process(tmp_path, monkeypatch):
         pytest.skip("model/model.py (the Truss Model class) is not written yet")
     from checkpoints import build
 
-    monkeypatch.setenv("CHECKPOINT", str(build("wordpiece-uncased", tmp_path / "ckpt")))
-    monkeypatch.setenv("ENGINE", "torch")  # CPU here; auto would export ONNX first
+    monkeypatch.setenv("NERSERVE_CHECKPOINT", str(build("wordpiece-uncased", tmp_path / "ckpt")))
+    monkeypatch.setenv("NERSERVE_ENGINE", "torch")  # CPU here; auto would export ONNX first
     out = truss.load(str(REPO)).predict(SEED)
     text = SEED["inputs"][0][0]
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], list)

@@ -46,7 +46,7 @@ def test_plan_batches_fills_the_budget() -> None:
 def test_settings_environment_overrides_metadata() -> None:
     settings = Settings.load(
         {"checkpoint": "a/b", "max_num_tokens": 4096, "batch_wait_ms": 1},
-        environ={"MAX_NUM_TOKENS": "8192", "ENGINE": "torch", "HF_TOKEN": "t"},
+        environ={"NERSERVE_MAX_NUM_TOKENS": "8192", "NERSERVE_ENGINE": "torch", "HF_TOKEN": "t", "PORT": "8080"},
     )
     assert (settings.checkpoint, settings.max_num_tokens, settings.engine, settings.hf_token) == (
         "a/b",
@@ -54,8 +54,13 @@ def test_settings_environment_overrides_metadata() -> None:
         "torch",
         "t",
     )
+    assert settings.port == 8000  # the platform's PORT (its proxy's) is never a setting
     with pytest.raises(ValueError, match="engine"):
         Settings.load({"engine": "tensorflow"}, environ={})
+    with pytest.raises(ValueError, match="max_num_tokens must be int, not 'lots'"):
+        Settings.load({}, environ={"NERSERVE_MAX_NUM_TOKENS": "lots"})
+    with pytest.raises(ValueError, match="shutdown_grace_s"):
+        Settings.load({"shutdown_grace_s": 9, "shutdown_timeout_s": 8}, environ={})
 
 
 def test_parse_request_normalizes_and_refuses() -> None:

@@ -1,8 +1,9 @@
-"""Logits -> the response items, with the semantics of `transformers`' token-classification pipeline.
+"""Engine scores -> the response items, with the semantics of `transformers`' token-classification pipeline.
 
 The pipeline's rules, reproduced exactly but on whole arrays instead of per-token Python:
-- scores are a float32 softmax; special tokens are skipped (except by `none`, which keeps them as
-  BEI-Bert does);
+- scores are a float32 softmax (taken where the logits are: see scores.py; `average` needs whole rows,
+  so it takes the logits and the same softmax here); special tokens are skipped (except by `none`,
+  which keeps them as BEI-Bert does);
 - a token continues a word when its token string's length differs from its span's length (tokenizers
   with a continuing-subword prefix such as "##"), else by the fallback heuristic: it starts after
   position 0 and neither it nor the character before it is a space; `[UNK]` always starts a word;
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .scores import TokenScores, softmax
 from .tokenization import TextTokenizer, Window
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
@@ -50,12 +52,6 @@ class LabelScheme:
         )
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 softmax over the last axis, computed as the pipeline computes it."""
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class TokenTable:
     """Every window of a request's texts, concatenated: one row per token, so each step below is a
@@ -65,12 +61,12 @@ class TokenTable:
     starts: np.ndarray  # int64 [n]
     ends: np.ndarray  # int64 [n]
     special: np.ndarray  # bool [n]
-    values: np.ndarray  # float32 [n, labels]: logits
+    scores: TokenScores  # [n]
     window: np.ndarray  # int64 [n]: index of the token's window
     text_of_window: np.ndarray  # int64 [windows]
 
     @classmethod
-    def of(cls, windows: list[list[Window]], logits: list[np.ndarray]) -> TokenTable:
+    def of(cls, windows: list[list[Window]], scores: TokenScores) -> TokenTable:
         flat = [w for text_windows in windows for w in text_windows]
         offsets = np.concatenate([w.offsets for w in flat])
         lengths = np.fromiter((len(w.ids) for w in flat), dtype=np.int64, count=len(flat))
@@ -79,40 +75,57 @@ class TokenTable:
             starts=offsets[:, 0],
             ends=offsets[:, 1],
             special=np.concatenate([w.special for w in flat]),
-            values=np.concatenate(logits).astype(np.float32, copy=False),
+            scores=scores,
             window=np.repeat(np.arange(len(flat)), lengths),
             text_of_window=np.repeat(np.arange(len(windows)), [len(ws) for ws in windows]),
         )
 
+    def take(self, rows: np.ndarray, window: np.ndarray, text_of_window: np.ndarray) -> TokenTable:
+        """The given rows, regrouped into new windows."""
+        return TokenTable(
+            self.ids[rows],
+            self.starts[rows],
+            self.ends[rows],
+            self.special[rows],
+            self.scores.take(rows),
+            window,
+            text_of_window,
+        )
+
 
 class Aggregator:
-    """Turns a request's windows and their logits into one response list per text."""
+    """Turns a request's windows and their scores into one response list per text."""
 
     def __init__(self, tokenizer: TextTokenizer, labels: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.scheme = LabelScheme.from_labels(labels)
 
+    @staticmethod
+    def needs_logits(strategy: str, raw_scores: bool) -> bool:
+        """Whether the engine must hand back whole logit rows: `average` averages probability rows, and
+        `raw_scores` shows them; every other answer reads only each token's top label and probability."""
+        return raw_scores or strategy == "average"
+
     # ---- grouped strategies -------------------------------------------------------------------
 
     def grouped(
-        self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray], strategy: str
+        self, texts: list[str], windows: list[list[Window]], scores: TokenScores, strategy: str
     ) -> list[list[dict]]:
         """Entities of each text, as the pipeline returns them (ignored groups dropped, windows merged).
 
         The pipeline aggregates each window on its own, so every window's first token starts a word
         and an entity; over-long texts then have their windows' entities merged."""
-        table = TokenTable.of(windows, logits)
+        table = TokenTable.of(windows, scores)
         content = ~table.special
         if not content.any():
             return [[] for _ in texts]
         ids, starts, ends = table.ids[content], table.starts[content], table.ends[content]
         window = table.window[content]
-        probs = softmax(table.values[content])
+        tokens = table.scores.take(content)
         window_first = np.ones(len(ids), dtype=bool)
         window_first[1:] = window[1:] != window[:-1]
         if strategy == "simple":
-            labels = probs.argmax(axis=-1)
-            scores = probs[np.arange(len(labels)), labels]
+            labels, values = tokens.labels, tokens.probs
             first = np.arange(len(ids))
             last = first
         else:
@@ -120,7 +133,7 @@ class Aggregator:
             begins = ~self._is_subword(texts, text_of_token, ids, starts, ends) | window_first
             first = np.flatnonzero(begins)
             last = np.append(first[1:], len(ids)) - 1
-            labels, scores = _word_labels(probs, first, strategy)
+            labels, values = _word_labels(tokens, first, strategy)
         # Adjacent words merge into one entity unless a window starts, the tag changes, or B- begins one.
         tags = self.scheme.tags[labels]
         new = window_first[first].copy()
@@ -128,7 +141,7 @@ class Aggregator:
         group_first = np.flatnonzero(new)
         group_last = np.append(group_first[1:], len(first)) - 1
         counts = group_last - group_first + 1
-        group_scores = np.add.reduceat(scores.astype(np.float64), group_first) / counts
+        group_scores = np.add.reduceat(values.astype(np.float64), group_first) / counts
         group_labels = labels[group_first]
         keep = ~self.scheme.ignored[group_labels]
         entity_starts = starts[first][group_first][keep]
@@ -173,15 +186,15 @@ class Aggregator:
     # ---- token level --------------------------------------------------------------------------
 
     def tokens(
-        self, texts: list[str], windows: list[list[Window]], logits: list[np.ndarray], raw_scores: bool
+        self, texts: list[str], windows: list[list[Window]], scores: TokenScores, raw_scores: bool
     ) -> list[list[dict]]:
         """Every token of each text once, special tokens included, with its top label's probability or
         all logits; an over-long text's windows are stitched into one sequence first."""
-        table = TokenTable.of(windows, logits)
+        table = TokenTable.of(windows, scores)
         if any(len(text_windows) > 1 for text_windows in windows):
-            table = self._stitched(windows, logits, table)
+            table = self._stitched(windows, table)
         text_of_token = table.text_of_window[table.window]
-        top = table.values.argmax(axis=-1)
+        top = table.scores.labels.tolist()
         vocab, labels = self.tokenizer.vocab, self.scheme.labels
         names = [
             vocab[i] if special else texts[t][a:b]
@@ -194,13 +207,13 @@ class Aggregator:
                 strict=True,
             )
         ]
+        results: list[Any]
         if raw_scores:
-            results: list[Any] = [
-                _raw(labels, t, row) for t, row in zip(top.tolist(), table.values.tolist(), strict=True)
-            ]
+            if table.scores.logits is None:
+                raise ValueError("raw_scores needs the engine's logits")
+            results = [_raw(labels, t, row) for t, row in zip(top, table.scores.logits.tolist(), strict=True)]
         else:
-            best = softmax(table.values)[np.arange(len(top)), top].tolist()
-            results = [{labels[t]: p} for t, p in zip(top.tolist(), best, strict=True)]
+            results = [{labels[t]: p} for t, p in zip(top, table.scores.probs.tolist(), strict=True)]
         items = [
             {"token": name, "token_id": i, "start": a, "end": b, "results": r}
             for name, i, a, b, r in zip(
@@ -210,60 +223,45 @@ class Aggregator:
         bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
         return [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
 
-    def _stitched(self, windows: list[list[Window]], logits: list[np.ndarray], table: TokenTable) -> TokenTable:
+    def _stitched(self, windows: list[list[Window]], table: TokenTable) -> TokenTable:
         """The table with each over-long text's windows replaced by its stitched sequence (one window)."""
-        pieces, cursor, row = [], 0, 0
         rows_per_window = np.bincount(table.window, minlength=len(table.text_of_window))
+        window_starts = np.concatenate([[0], np.cumsum(rows_per_window)])
+        pieces, cursor = [], 0
         for text_windows in windows:
             count = len(text_windows)
-            size = int(rows_per_window[cursor : cursor + count].sum())
+            first_row = int(window_starts[cursor])
             if count == 1:
-                pieces.append(
-                    (
-                        table.ids[row : row + size],
-                        table.starts[row : row + size],
-                        table.ends[row : row + size],
-                        table.special[row : row + size],
-                        table.values[row : row + size],
-                    )
-                )
+                pieces.append(np.arange(first_row, int(window_starts[cursor + 1])))
             else:
-                ids, offsets, special, values = _stitch(
-                    text_windows, logits[cursor : cursor + count], self.tokenizer.window_stride
-                )
-                pieces.append((ids, offsets[:, 0], offsets[:, 1], special, values))
+                pieces.append(first_row + _stitch(text_windows, self.tokenizer.window_stride))
             cursor += count
-            row += size
-        lengths = [len(piece[0]) for piece in pieces]
-        return TokenTable(
-            ids=np.concatenate([p[0] for p in pieces]),
-            starts=np.concatenate([p[1] for p in pieces]),
-            ends=np.concatenate([p[2] for p in pieces]),
-            special=np.concatenate([p[3] for p in pieces]),
-            values=np.concatenate([p[4] for p in pieces]),
-            window=np.repeat(np.arange(len(windows)), lengths),
-            text_of_window=np.arange(len(windows)),
-        )
+        rows = np.concatenate(pieces)
+        window = np.repeat(np.arange(len(windows)), [len(piece) for piece in pieces])
+        return table.take(rows, window, np.arange(len(windows)))
 
 
-def _word_labels(probs: np.ndarray, first: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray]:
-    """One (label, score) per word starting at `first`: its first token's (first), the argmax of its
-    mean probabilities (average), or its most confident token's, the earliest on a tie (max)."""
+def _word_labels(tokens: TokenScores, first: np.ndarray, strategy: str) -> tuple[np.ndarray, np.ndarray]:
+    """One (label, score) per word starting at `first`: its first token's (first), its most confident
+    token's, the earliest on a tie (max), or the argmax of its mean probabilities (average)."""
     if strategy == "first":
-        chosen = probs[first]
+        chosen = first
     elif strategy == "max":
-        token_max = probs.max(axis=-1)
-        word_max = np.maximum.reduceat(token_max, first)
-        word_of = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(probs))))
-        candidates = np.where(token_max == word_max[word_of], np.arange(len(probs)), len(probs))
-        chosen = probs[np.minimum.reduceat(candidates, first)]
+        word_max = np.maximum.reduceat(tokens.probs, first)
+        word_of = np.repeat(np.arange(len(first)), np.diff(np.append(first, len(tokens))))
+        candidates = np.where(tokens.probs == word_max[word_of], np.arange(len(tokens)), len(tokens))
+        chosen = np.minimum.reduceat(candidates, first)
     elif strategy == "average":
+        if tokens.logits is None:
+            raise ValueError("average needs the engine's logits")
+        probs = softmax(tokens.logits)
         counts = np.diff(np.append(first, len(probs)))
-        chosen = (np.add.reduceat(probs.astype(np.float64), first, axis=0) / counts[:, None]).astype(np.float32)
+        mean = (np.add.reduceat(probs.astype(np.float64), first, axis=0) / counts[:, None]).astype(np.float32)
+        labels = mean.argmax(axis=-1)
+        return labels, mean[np.arange(len(labels)), labels]
     else:
         raise ValueError(f"unknown aggregation strategy {strategy!r}")
-    labels = chosen.argmax(axis=-1)
-    return labels, chosen[np.arange(len(labels)), labels]
+    return tokens.labels[chosen], tokens.probs[chosen]
 
 
 def _raw(labels: tuple[str, ...], top: int, row: list[float]) -> dict[str, float]:
@@ -293,14 +291,11 @@ def _merge_overlaps(starts: np.ndarray, ends: np.ndarray, scores: np.ndarray) ->
     return np.array(kept, dtype=np.int64)
 
 
-def _stitch(windows: list[Window], logits: list[np.ndarray], stride: int):
-    """One token sequence from overlapping windows: each token taken from the window where it sits
-    farthest from an edge (the earlier window on a tie); the leading special tokens of the first
-    window and the trailing ones of the last. Window k's content starts `stride` tokens before
-    window k-1's content ends, as the tokenizer's overflow makes them."""
-    if len(windows) == 1:
-        w = windows[0]
-        return w.ids, w.offsets, w.special, logits[0]
+def _stitch(windows: list[Window], stride: int) -> np.ndarray:
+    """Rows (into the windows' concatenation) of one token sequence made from overlapping windows:
+    each token taken from the window where it sits farthest from an edge (the earlier window on a
+    tie); the leading special tokens of the first window and the trailing ones of the last. Window k's
+    content starts `stride` tokens before window k-1's content ends, as the tokenizer's overflow makes them."""
     bases = np.cumsum([0] + [len(w.ids) for w in windows[:-1]])
     candidates = []  # rows: global position, -distance to an edge, flat index into the concatenation
     global_start = 0
@@ -317,9 +312,4 @@ def _stitch(windows: list[Window], logits: list[np.ndarray], stride: int):
     head = np.flatnonzero(np.cumprod(windows[0].special))  # specials before the first content token
     last_special = windows[-1].special
     tail = bases[-1] + len(last_special) - 1 - np.flatnonzero(np.cumprod(last_special[::-1]))[::-1]
-    flat = np.concatenate([head, table[first_of_position, 2], tail])
-    ids = np.concatenate([w.ids for w in windows])[flat]
-    offsets = np.concatenate([w.offsets for w in windows])[flat]
-    special = np.concatenate([w.special for w in windows])[flat]
-    values = np.concatenate(logits)[flat]
-    return ids, offsets, special, values
+    return np.concatenate([head, table[first_of_position, 2], tail])

@@ -1,50 +1,85 @@
-"""Server settings: one set of names, read from `model_metadata` (lower case) and the environment
-(upper case), the environment winning, so `make serve CHECKPOINT=...` overrides `config.yaml`."""
+"""Server settings: one set of names, read from `model_metadata` in config.yaml (lower case) and from
+the environment as `NERSERVE_<NAME>` (the environment winning), so `make serve CHECKPOINT=...`
+overrides config.yaml.
+
+The prefix keeps platform variables out: Baseten (Knative) sets `PORT` to the port of Truss's own
+proxy and `HOSTNAME` to the pod's name, and a server that read them as settings would bind the
+proxy's port. `HF_TOKEN` is read as well, because that is the name huggingface_hub itself reads."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
+ENV_PREFIX = "NERSERVE_"
 DEFAULT_CHECKPOINT = "dslim/bert-base-NER-uncased"
+ENGINES = ("auto", "tensorrt", "torch", "onnxruntime")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob of API.md's Configuration section, with its default."""
+    """Every knob of API.md's Configuration section, with its default. None means "decided at load
+    time from the model and the machine" (the engine's batch budget, the window overlap, the
+    number of front-end processes)."""
 
     checkpoint: str = DEFAULT_CHECKPOINT
     revision: str | None = None
     engine: str = "auto"  # auto | tensorrt | torch | onnxruntime
     engine_dir: str | None = None
     precision: str | None = None  # fp32 | fp16 | bf16 | int8; None: the engine's default
-    max_num_tokens: int = 16384
-    window_stride: int = 128
+    max_num_tokens: int | None = None  # tokens of one engine batch; None: the engine's measured default
+    window_stride: int | None = None  # overlap of an over-long text's windows; None: what fits the model
+    workers: int | None = None  # front-end processes; None: one per core this process may use
     max_texts: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
     queue_size: int = 4096
     batch_wait_ms: float = 0.0  # 0: continuous batching, whatever queued while the engine ran
     request_timeout_s: float = 60.0
-    shutdown_grace_s: float = 5.0  # after SIGTERM: answer 503 to new requests this long, then stop
+    # After SIGTERM: answer 503 (health too) for `shutdown_grace_s` while the port stays open, then finish
+    # what was accepted, and be gone within `shutdown_timeout_s` in all: Truss's supervisord kills the
+    # server 10 s after its SIGTERM (stopwaitsecs, default 10), so 8 s leaves room.
+    shutdown_grace_s: float = 2.0
+    shutdown_timeout_s: float = 8.0
     api_key: str | None = None
+    host: str = "0.0.0.0"
     port: int = 8000
+    log_level: str = "INFO"
     hf_token: str | None = None
+    #: {"owner/repo@revision": folder} that Truss's `weights` mount (config.yaml), not a model_metadata setting
+    mounts: Mapping[str, str] = dataclasses.field(default_factory=dict, metadata={"config_yaml": "weights"})
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], secrets: Any = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """The settings of config.yaml (model_metadata, and the weights Truss mounts) under the
+        environment: how the server and the Truss Model both get theirs. `secrets` is Truss's secrets
+        mapping, where the hub token may be (`hf_access_token`) when HF_TOKEN is not set."""
+        settings = cls.load(config.get("model_metadata"), environ)
+        token = settings.hf_token or _secret(secrets, "hf_access_token")
+        return dataclasses.replace(settings, mounts=mounted_weights(config), hf_token=token)
 
     @classmethod
     def load(cls, metadata: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-        """Merge `model_metadata` with environment variables (upper-case names win)."""
+        """Merge `model_metadata` with `NERSERVE_*` environment variables (the environment wins)."""
         metadata = dict(metadata or {})
         environ = os.environ if environ is None else environ
+        types_of = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = environ.get(field.name.upper())
+            if "config_yaml" in field.metadata:
+                continue
+            raw: Any = environ.get(ENV_PREFIX + field.name.upper())
             if raw in (None, ""):
                 raw = metadata.get(field.name)
             if raw in (None, ""):
                 continue
-            values[field.name] = _coerce(field.name, field.default, raw)
+            values[field.name] = _coerce(field.name, types_of[field.name], raw)
         if "hf_token" not in values and environ.get("HF_TOKEN"):
             values["hf_token"] = environ["HF_TOKEN"]
         settings = cls(**values)
@@ -52,24 +87,58 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        """Refuse settings that cannot work, naming the setting."""
-        if self.engine not in ("auto", "tensorrt", "torch", "onnxruntime"):
-            raise ValueError(f"engine must be auto, tensorrt, torch or onnxruntime, not {self.engine!r}")
-        if self.precision not in (None, "fp32", "fp16", "bf16", "int8"):
-            raise ValueError(f"precision must be fp32, fp16, bf16 or int8, not {self.precision!r}")
-        for name in ("max_num_tokens", "max_texts", "max_body_bytes", "queue_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
-        if self.window_stride < 0:
-            raise ValueError("window_stride must not be negative")
+        """Refuse settings that cannot work, naming the setting (checks that need the model are made
+        where it is loaded: the window overlap, the batch budget against the model's length)."""
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.precision not in (None, *PRECISIONS):
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        for name in ("max_num_tokens", "workers", "max_texts", "max_body_bytes", "queue_size", "port"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive, not {value}")
+        if self.window_stride is not None and self.window_stride < 0:
+            raise ValueError(f"window_stride must not be negative, not {self.window_stride}")
+        if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
+            raise ValueError("request_timeout_s must be positive and batch_wait_ms not negative")
+        if not 0 <= self.shutdown_grace_s < self.shutdown_timeout_s:
+            raise ValueError(
+                f"shutdown_grace_s ({self.shutdown_grace_s}) must be at least 0 and less than shutdown_timeout_s "
+                f"({self.shutdown_timeout_s}): the drain happens inside the timeout"
+            )
 
 
-def _coerce(name: str, default: Any, raw: Any) -> Any:
-    """Convert an environment string (or YAML value) to the type of the field's default."""
-    if isinstance(default, bool):
-        return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
-    return str(raw)
+def mounted_weights(config: Mapping[str, Any]) -> dict[str, str]:
+    """Hub repositories that Truss's `weights` (config.yaml) mirror at deploy time and mount in the
+    container, as {"owner/repo@revision": mount folder} (revision "main" where the source names none)."""
+    mounts: dict[str, str] = {}
+    for source in config.get("weights") or []:
+        uri = str(source.get("source", ""))
+        if uri.startswith("hf://") and source.get("mount_location"):
+            repo = uri.removeprefix("hf://")
+            mounts[repo if "@" in repo else f"{repo}@main"] = str(source["mount_location"])
+    return mounts
+
+
+def _secret(secrets: Any, name: str) -> str | None:
+    """A Truss secret's value, or None: Truss's mapping raises for a secret that is not configured."""
+    try:
+        return secrets[name] or None
+    except Exception:
+        return None
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    """Convert an environment string (or YAML value) to the field's type; ValueError names the setting."""
+    if isinstance(kind, types.UnionType):  # `int | None`: the non-None member
+        kind = next(member for member in typing.get_args(kind) if member is not type(None))
+    try:
+        if kind is bool:
+            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return str(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be {kind.__name__}, not {raw!r}") from None

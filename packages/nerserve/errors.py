@@ -66,6 +66,12 @@ class Timeout(ApiError):
     status, kind = 504, "Timeout"
 
 
+class Cancelled(ApiError):
+    """The request was given up (its client went away or it timed out) before the engine finished it."""
+
+    status, kind = 499, "Cancelled"
+
+
 class Backend(ApiError):
     """The engine failed on a batch holding this request's texts; the server goes on."""
 

@@ -210,22 +210,26 @@ def verify(engine_dir: Path, checkpoint: Checkpoint, here: Platform | None = Non
 
 
 class EngineArtefact(NamedTuple):
-    """What to serve from an engine folder: kind "tensorrt" (a plan) or "onnx" (a graph for ONNX Runtime)."""
+    """What to serve from an engine folder, and with which batch budget."""
 
-    kind: str
+    kind: str  # "tensorrt" (a plan for TensorRTEngine) or "onnx" (a graph for OnnxRuntimeEngine)
     path: Path
-    precision: str
+    precision: str  # the artefact's: fp32, fp16, bf16, int8
+    max_num_tokens: int | None  # the budget to serve with; None: no limit from the folder (ONNX is dynamic)
+    note: str | None  # why the budget differs from the one asked for, to be logged
 
 
 def load_engine_dir(
-    engine_dir: str | Path, checkpoint: Checkpoint, engine: str = "auto", here: Platform | None = None
+    engine_dir: str | Path,
+    checkpoint: Checkpoint,
+    engine: str = "auto",
+    here: Platform | None = None,
+    precision: str | None = None,
+    max_num_tokens: int | None = None,
 ) -> EngineArtefact:
-    """Which built artefact of `engine_dir` to serve for `checkpoint`: (kind, path, precision).
+    """Whether the folder fits this checkpoint, machine, engine, precision and batch budget, and what
+    to serve from it: the one place that decides (the server and the container's start both call it).
 
-    kind is "tensorrt" (path: the plan, for TensorRTEngine) or "onnx" (path: the graph for
-    OnnxRuntimeEngine); precision is the artefact's ("fp32", "fp16", "bf16", "int8").
-
-    Contract:
     - Always checked first: the manifest exists, was built from this checkpoint's exact content
       (sha256 of weights, config and tokenizer files; same labels), and no file was changed since.
     - engine="auto": the TensorRT plan when the folder has one and this machine has a CUDA GPU and
@@ -235,22 +239,40 @@ def load_engine_dir(
     - engine="tensorrt": the plan, or ValueError when the folder has none or this machine cannot run it.
     - engine="onnxruntime": the ONNX file ORT serves (the optimized float32 graph, or the int8 graph
       when built with precision int8), whatever the GPU.
+    - `precision`, when given, must be the chosen artefact's.
+    - `max_num_tokens`: a TensorRT plan's profiles hold batches of the budget it was built for, so a
+      larger budget is lowered to it (with a note saying so; never a batch the plan cannot run) and
+      None takes it; ONNX graphs take any shape, so the budget asked for is kept.
     Every refusal is a ValueError whose message says why. `here` defaults to current_platform()."""
     engine_dir = Path(engine_dir)
     if engine not in ("auto", "tensorrt", "onnxruntime"):
         raise ValueError(f"an engine dir serves tensorrt or onnxruntime, not {engine!r}")
     manifest = verify(engine_dir, checkpoint)
     artefacts = manifest["artefacts"]
+    chosen: tuple[str, dict[str, str]] | None = None
     if engine != "onnxruntime" and "tensorrt" in artefacts:
         here = here or current_platform()
         if engine == "tensorrt" or (here.has_gpu and here.tensorrt_version is not None):
             verify_platform(engine_dir, manifest, here)
-            plan = artefacts["tensorrt"]
-            return EngineArtefact("tensorrt", engine_dir / plan["file"], plan["precision"])
-    if engine == "tensorrt":
+            chosen = ("tensorrt", artefacts["tensorrt"])
+    if chosen is None and engine == "tensorrt":
         raise ValueError(
             f"engine dir {engine_dir} has no TensorRT plan (built on a machine without GPU or "
             f"tensorrt, or with precision {manifest['precision']}); serve it with onnxruntime"
         )
-    graph = artefacts["onnxruntime"]
-    return EngineArtefact("onnx", engine_dir / graph["file"], graph["precision"])
+    kind, artefact = chosen or ("onnx", artefacts["onnxruntime"])
+    if precision is not None and precision != artefact["precision"]:
+        raise ValueError(
+            f"engine dir {engine_dir} serves {artefact['precision']} ({artefact['file']}), but precision "
+            f"{precision} was asked for: rebuild it with PRECISION={precision} or leave precision unset"
+        )
+    budget, note = max_num_tokens, None
+    if kind == "tensorrt":
+        built = int(manifest["max_num_tokens"])
+        budget = built if max_num_tokens is None else min(max_num_tokens, built)
+        if max_num_tokens is not None and max_num_tokens > built:
+            note = (
+                f"engine dir {engine_dir} was built for max_num_tokens={built}: serving with {built} instead "
+                f"of {max_num_tokens} (rebuild with MAX_NUM_TOKENS={max_num_tokens} for larger batches)"
+            )
+    return EngineArtefact(kind, engine_dir / artefact["file"], artefact["precision"], budget, note)

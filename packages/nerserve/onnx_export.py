@@ -42,22 +42,6 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (3, 33), (8, 128), (2, 0))
 
 
-def model_input_names(checkpoint: Checkpoint) -> list[str]:
-    """The graph inputs: token_type_ids only for models that have more than one segment type."""
-    names = ["input_ids", "attention_mask"]
-    if getattr(checkpoint.config, "type_vocab_size", 0) > 1:
-        names.append("token_type_ids")
-    return names
-
-
-def load_torch_model(checkpoint: Checkpoint):
-    """The PyTorch token classifier in eval mode (eager attention: exports and runs everywhere)."""
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(checkpoint.path, attn_implementation="eager")
-    return model.eval()
-
-
 def onnx_name(precision: str) -> str:
     """File name of the export in `precision`: the float32 one keeps the historical name."""
     return ONNX_NAME if precision == "fp32" else f"model.{precision}.onnx"
@@ -96,10 +80,10 @@ def export_onnx(checkpoint: Checkpoint, out_dir: Path, precision: str = "fp32", 
         raise ValueError(f"ONNX export runs in fp32, fp16 or bf16, not {precision!r}")
     if opset < OPSET:
         raise ValueError(f"opset {opset} is too old: LayerNormalization as one op and the exporter need >= {OPSET}")
-    model = load_torch_model(checkpoint).to(dtypes[precision])
+    model = checkpoint.load_torch_model().to(dtypes[precision])
     if precision != "fp32":
         _float32_layer_norms(model)
-    names = model_input_names(checkpoint)
+    names = checkpoint.input_names
 
     class LogitsOnly(torch.nn.Module):
         """Positional inputs in `names` order, float32 logits out: the signature every engine feeds."""
@@ -202,8 +186,8 @@ def compare_with_torch(
     A (b, 0) shape means "the model's maximum length"."""
     import torch
 
-    model = load_torch_model(checkpoint)
-    names = model_input_names(checkpoint)
+    model = checkpoint.load_torch_model()
+    names = checkpoint.input_names
     rng = np.random.default_rng(seed)
     vocab = checkpoint.config.vocab_size
     worst, agree, total, used = 0.0, 0, 0, []

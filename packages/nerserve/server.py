@@ -1,366 +1,201 @@
-"""The HTTP server: API.md's routes over the Truss Model, run by uvicorn (`python -m nerserve.server`).
+"""`python -m nerserve.server`: the HTTP server, as a supervisor over one engine process and N front-end
+worker processes (the layout of vLLM's API servers in front of one engine core, and of
+text-embeddings-inference's tokenizer workers in front of one backend).
 
-The body is read and decoded here rather than by FastAPI's body parameter, so every failure gets
-API.md's status (400 for bytes that are not JSON, 413 past the byte limit, 422 for schema) and
-shape. The model loads in a background thread: /health answers 503 until it has loaded and
-answered a warm-up request, and the port is open meanwhile (Truss and Kubernetes probe it)."""
+- The supervisor reads the settings (config.yaml's model_metadata under NERSERVE_* variables), binds
+  the port itself, and starts the engine process (engine_process.py: the model, the device, the one
+  scheduler that batches every worker's requests) and the workers (worker.py: HTTP, validation,
+  tokenization, aggregation, encoding), who share the listening socket and reach the engine process
+  over a Unix socket with shared memory beside it (transport.py).
+- A model that cannot load ends the server within seconds with a non-zero status, its last line
+  naming the cause (the traceback only at debug level): on Baseten the container stops and the
+  platform shows why, rather than a server answering 503 for ever. A setting that cannot work ends it
+  the same way before anything starts.
+- A worker that dies is replaced. An engine process that dies makes every worker answer 503 and ends
+  the server with a non-zero status (the platform restarts the container).
+- SIGTERM or SIGINT drains: each worker answers 503 for `shutdown_grace_s` while accepted requests
+  finish, then stops; then the engine process stops; all within `shutdown_timeout_s` (Truss's
+  supervisord kills the server 10 s after its SIGTERM)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import importlib.util
 import logging
+import multiprocessing
 import os
-import threading
+import shutil
+import signal
+import socket
+import sys
+import tempfile
 import time
-import uuid
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import orjson
 import yaml
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from . import engine_process, worker
 from .config import Settings
-from .errors import ApiError, Backend, BadRequest, PayloadTooLarge, Timeout, Unauthorized, Unhealthy
-from .metrics import Metrics
-from .schemas import PredictRequest, TokenResult, parse_request
+from .metrics import MULTIPROC_DIR, process_gone
+from .process import usable_cores
 
 log = logging.getLogger("nerserve")
-PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
-INLINE_TEXTS, INLINE_CHARS = 4, 2000  # requests this small skip the worker-thread hops (~0.1 ms of work)
 
 
-def load_model_class(root: Path):
-    """The Truss Model class from `<root>/model/model.py`, imported by path as Truss does."""
-    spec = importlib.util.spec_from_file_location("truss_model", root / "model" / "model.py")
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {root / 'model' / 'model.py'}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Model
+class Supervisor:
+    """Starts, watches and stops the engine process and the workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.workers_wanted = settings.workers or usable_cores()
+        self.spawn = multiprocessing.get_context("spawn")
+        self.folder = Path(tempfile.mkdtemp(prefix="nerserve-"))
+        self.address = str(self.folder / "engine.sock")
+        self.authkey = os.urandom(32)
+        self.workers: dict[int, BaseProcess] = {}  # sentinel -> process
+        self.stopping = False
+        self._wake_read, self._wake_write = os.pipe()
+
+    def run(self) -> int:
+        """Serve until a signal (0) or a failure (1); the last line written says which."""
+        (self.folder / "metrics").mkdir()
+        os.environ[MULTIPROC_DIR] = str(self.folder / "metrics")  # the children inherit it
+        try:
+            listening = self._listen()
+        except OSError as error:
+            return self._fail(f"cannot listen on {self.settings.host}:{self.settings.port}: {error.strerror}")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        status_read, status_write = self.spawn.Pipe(duplex=False)
+        engine = self.spawn.Process(
+            target=engine_process.run,
+            args=(self.settings, self.address, self.authkey, status_write),
+            name="nerserve-engine",
+        )
+        engine.start()
+        status_write.close()
+        for _ in range(self.workers_wanted):
+            self._start_worker(listening)
+        log.info(
+            "listening on %s:%d: %d workers, engine process %d loading %s",
+            self.settings.host,
+            self.settings.port,
+            self.workers_wanted,
+            engine.pid,
+            self.settings.checkpoint,
+        )
+        try:
+            return self._watch(engine, status_read, listening)
+        finally:
+            listening.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((self.settings.host, self.settings.port))
+        listening.listen(2048)
+        return listening
+
+    def _start_worker(self, listening: socket.socket) -> None:
+        process = self.spawn.Process(
+            target=worker.run, args=(self.settings, listening, self.address, self.authkey), name="nerserve-worker"
+        )
+        process.start()
+        self.workers[process.sentinel] = process
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        os.write(self._wake_write, b"x")
+
+    def _watch(self, engine: BaseProcess, status: Connection, listening: socket.socket) -> int:
+        reports = [status]  # the engine process's one status message; closed after it
+        while True:
+            ready = wait([*reports, engine.sentinel, self._wake_read, *self.workers])
+            if self._wake_read in ready:
+                os.read(self._wake_read, 64)
+                return self._shutdown(engine)
+            if status in ready:
+                try:
+                    kind, detail = status.recv()
+                except EOFError:  # it exited without a word: its sentinel says so
+                    reports.clear()
+                    continue
+                if kind == "failed":
+                    self._stop(engine, workers_first=False)
+                    return self._fail(f"cannot load the model: {detail}")
+                log.info(
+                    "engine ready: %s %s, max_num_tokens %d, model %s",
+                    detail["engine"],
+                    detail["precision"],
+                    detail["max_num_tokens"],
+                    detail["model_id"],
+                )
+            if engine.sentinel in ready:
+                engine.join()
+                self._stop(engine, workers_first=False)
+                return self._fail(f"the engine process exited (status {engine.exitcode})")
+            for sentinel in [s for s in ready if s in self.workers]:
+                gone = self.workers.pop(sentinel)
+                gone.join()
+                process_gone(gone.pid or 0)
+                log.warning("worker %d exited (status %s); starting another", gone.pid, gone.exitcode)
+                self._start_worker(listening)
+
+    def _shutdown(self, engine: BaseProcess) -> int:
+        log.info("draining: %d workers finish what they accepted, then the engine stops", len(self.workers))
+        self._stop(engine, workers_first=True)
+        log.info("shutdown complete: every accepted request answered")
+        return 0
+
+    def _stop(self, engine: BaseProcess, workers_first: bool) -> None:
+        """SIGTERM the workers (they drain) and wait for them, then the engine process; kill what outlives
+        the shutdown window. With `workers_first` False (a failure) nothing is left to drain."""
+        self.stopping = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s - worker.ENGINE_STOP_S
+        for process in self.workers.values():
+            _signal(process, signal.SIGTERM if workers_first else signal.SIGKILL)
+        for process in self.workers.values():
+            process.join(max(deadline - time.monotonic(), 0.1))
+            if process.is_alive():
+                log.warning("worker %d still running at the end of the shutdown window: killed", process.pid)
+                _signal(process, signal.SIGKILL)
+                process.join()
+        _signal(engine, signal.SIGTERM)
+        engine.join(worker.ENGINE_STOP_S if workers_first else 5.0)
+        if engine.is_alive():
+            _signal(engine, signal.SIGKILL)
+            engine.join()
+
+    def _fail(self, line: str) -> int:
+        """The last line of the server's output, then status 1."""
+        logging.shutdown()
+        print(f"nerserve: {line}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _signal(process: BaseProcess, signum: int) -> None:
+    if process.pid is not None and process.is_alive():
+        os.kill(process.pid, signum)
 
 
 def read_config(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
-
-
-def _error(error: ApiError) -> Response:
-    return _json(error.body(), error.status, error.headers)
-
-
-class Envelope:
-    """Request id (`x-request-id` honoured or made), API key, `x-total-time-ms`, the request counter and
-    one structured log line per request. Plain ASGI rather than `@app.middleware("http")`, whose
-    per-request task group and body streams cost more than the rest of a small request."""
-
-    OPEN_PATHS = ("/health", "/openapi.json", "/docs")
-    ROUTES = PREDICT_ROUTES + ("/health", "/info", "/metrics")
-
-    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
-        self.app, self.api_key, self.metrics = app, api_key, metrics
-
-    def _authorized(self, headers: Headers) -> bool:
-        supplied = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
-        return supplied == self.api_key
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        headers = Headers(scope=scope)
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        status = 500
-
-        async def send_with_headers(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                timing = f"{(time.perf_counter() - started) * 1000:.2f}"
-                extra = [
-                    (b"x-request-id", request_id.encode("latin-1", "replace")),
-                    (b"x-total-time-ms", timing.encode()),
-                ]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
-
-        if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
-            refusal = _error(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key)"))
-            await refusal(scope, receive, send_with_headers)
-        else:
-            await self.app(scope, receive, send_with_headers)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        route = scope["path"] if scope["path"] in self.ROUTES else "other"
-        self.metrics.requests.labels(route, str(status)).inc()
-        log.info(
-            '{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}',
-            request_id,
-            scope["method"],
-            route,
-            status,
-            elapsed_ms,
-        )
-
-
-class State:
-    """The loaded model, or why it is not loaded yet."""
-
-    def __init__(self) -> None:
-        self.model = None
-        self.failure: str | None = None
-        self.closing = False
-
-
-def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI:
-    """The ASGI app over the Model in `root/model/model.py`, configured by `config` (config.yaml)."""
-    settings = Settings.load(config.get("model_metadata"))
-    metrics = Metrics()
-    state = State()
-
-    def load() -> None:
-        try:
-            model = load_model_class(root)(config=config, data_dir=root / "data", secrets=secrets or {})
-            model.load(observe_batch=metrics.observe_batch)
-            state.model = model
-            log.info("ready: %s", orjson.dumps(model.service.info()).decode())
-        except Exception as error:  # keep serving /health (503 with the reason) rather than die silently
-            state.failure = f"{type(error).__name__}: {error}"
-            log.exception("model failed to load")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        threading.Thread(target=load, name="nerserve-load", daemon=True).start()
-        yield
-        state.closing = True
-        if state.model is not None:
-            await asyncio.to_thread(state.model.service.close)  # drain what was accepted
-        log.info("shutdown complete: queue drained")
-
-    app = FastAPI(
-        title="nerserve",
-        version=__version__,
-        lifespan=lifespan,
-        description="BEI-Bert-compatible token classification with transformers-pipeline-exact answers.",
-    )
-    app.state.begin_drain = lambda: setattr(state, "closing", True)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        """Unknown routes and methods answer in API.md's error shape too."""
-        kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "Validation")
-        return _json({"error": str(error.detail), "error_type": kind}, error.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> Response:
-        log.exception("unhandled error")
-        return _error(Backend(f"{type(error).__name__}: {error}"))
-
-    def ready_service():
-        if state.closing:
-            raise Unhealthy("the server is shutting down")
-        if state.model is None:
-            raise Unhealthy(f"model failed to load: {state.failure}" if state.failure else "model is loading")
-        return state.model.service
-
-    app.add_middleware(Envelope, api_key=settings.api_key, metrics=metrics)
-
-    async def predict(request: Request) -> Response:
-        try:
-            service = ready_service()
-            payload = await _read_json(request, settings.max_body_bytes)
-            parsed = parse_request(payload, settings.max_texts)
-            return await _answer(request, service, parsed, settings, metrics)
-        except ApiError as error:
-            return _error(error)
-
-    body_schema = {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}, "required": True}
-    error_schema = {
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["error", "error_type"],
-                    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
-                }
-            }
-        }
-    }
-    responses = {
-        "200": {
-            "description": "One list per text",
-            "content": {
-                "application/json": {
-                    "schema": {"type": "array", "items": {"type": "array", "items": TokenResult.model_json_schema()}}
-                }
-            },
-        },
-        **{
-            str(code): {"description": why, **error_schema}
-            for code, why in [
-                (400, "Not JSON"),
-                (401, "Unauthorized"),
-                (413, "Too large"),
-                (422, "Validation"),
-                (429, "Overloaded"),
-                (500, "Backend"),
-                (503, "Unhealthy"),
-                (504, "Timeout"),
-            ]
-        },
-    }
-    for path in PREDICT_ROUTES:
-        app.add_api_route(
-            path,
-            predict,
-            methods=["POST"],
-            name=f"predict{path}",
-            response_class=Response,
-            openapi_extra={"requestBody": body_schema, "responses": responses},
-        )
-
-    @app.get("/health")
-    async def health() -> Response:
-        try:
-            ready_service()
-        except ApiError as error:
-            return _error(error)
-        return _json({"status": "ok"})
-
-    @app.get("/info")
-    async def info() -> Response:
-        try:
-            return _json(ready_service().info())
-        except ApiError as error:
-            return _error(error)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        if state.model is not None:
-            metrics.queue_depth.set(state.model.service.scheduler.depth)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return app
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing a wrong content type (400), too many bytes (413), bad UTF-8 or JSON (400)."""
-    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if not (content_type.endswith("/json") or content_type.endswith("+json")):
-        raise BadRequest(f"content-type must be application/json, not {content_type!r}")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(f"body is not valid JSON (UTF-8): {error}") from None
-
-
-async def _answer(request: Request, service, parsed: PredictRequest, settings: Settings, metrics: Metrics) -> Response:
-    """Tokenize in a worker thread, wait for the engine (bounded by the timeout, abandoned if the client
-    goes away), aggregate in a worker thread, encode with orjson."""
-    started = time.perf_counter()
-    texts = parsed.texts()
-    small = len(texts) <= INLINE_TEXTS and sum(len(text) for text in texts) <= INLINE_CHARS
-    # A small request costs less than a thread hop: tokenize and aggregate it on the event loop.
-    pending = service.submit(parsed) if small else await asyncio.to_thread(service.submit, parsed)
-    waiter = asyncio.ensure_future(asyncio.wrap_future(pending.future))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait(
-            {waiter, gone}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        gone.cancel()
-    if waiter not in done:
-        pending.future.cancel()  # the scheduler skips its remaining sequences
-        waiter.cancel()
-        if gone in done:
-            return Response(status_code=499)
-        raise Timeout(f"no answer within request_timeout_s={settings.request_timeout_s}")
-    logits = waiter.result()
-    metrics.queue_seconds.observe(time.perf_counter() - started)
-    try:
-        items = service.finish(pending, logits) if small else await asyncio.to_thread(service.finish, pending, logits)
-    except Exception as error:
-        raise Backend(f"aggregation failed: {type(error).__name__}: {error}") from error
-    metrics.texts.inc(len(pending.texts))
-    metrics.tokens.inc(pending.tokens)
-    metrics.total_seconds.observe(time.perf_counter() - started)
-    return Response(orjson.dumps(items), media_type="application/json")
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read, so only that can arrive)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _mounted_secrets(folder: Path = Path("/secrets")) -> dict[str, str]:
-    """Baseten mounts each secret as a file under /secrets (a docker_server gets no Truss secrets object)."""
-    if not folder.is_dir():
+    """config.yaml as a dict ({} where there is none: every setting then has its default)."""
+    if not path.exists():
         return {}
-    return {path.name: path.read_text().strip() for path in folder.iterdir() if path.is_file()}
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def main() -> None:
-    """Serve config.yaml's model on PORT (uvicorn, one process: the engine wants one owner)."""
-    import uvicorn
-
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     config_path = Path(os.environ.get("NERSERVE_CONFIG", "config.yaml")).resolve()
-    config = read_config(config_path)
-    settings = Settings.load(config.get("model_metadata"))
-    app = create_app(config, config_path.parent, secrets=_mounted_secrets())
-    server = draining_server(
-        uvicorn.Config(
-            app,
-            host=os.environ.get("HOST", "0.0.0.0"),
-            port=settings.port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=30,
-        ),
-        on_drain=app.state.begin_drain,
-        grace_s=settings.shutdown_grace_s,
-    )
-    server.run()
-
-
-def draining_server(config, on_drain, grace_s: float):
-    """uvicorn's Server with a drain phase: the first SIGTERM/SIGINT flips /health and new requests to 503
-    (load balancers stop routing, clients get an answer instead of a reset), keeps the port open for
-    `grace_s` while accepted requests finish, then shuts down as uvicorn does; a second signal is at once."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        draining = False
-
-        def handle_exit(self, sig, frame) -> None:
-            if self.draining or grace_s <= 0:
-                return super().handle_exit(sig, frame)
-            self.draining = True
-            on_drain()
-            log.info("draining for %.1fs before shutdown", grace_s)
-            threading.Timer(grace_s, super().handle_exit, (sig, frame)).start()
-
-    return _Server(config)
+    try:
+        settings = Settings.from_config(read_config(config_path))
+    except ValueError as error:
+        print(f"nerserve: cannot start: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(Supervisor(settings).run())
 
 
 if __name__ == "__main__":

@@ -1,106 +1,106 @@
-"""The request path, top to bottom: validated request -> tokenization (offsets, truncation or
-windows) -> the scheduler's token-budget batches on the engine -> logits -> aggregation -> items."""
+"""The whole request path in one process: `Frontend` (tokenization, aggregation) around the engine and
+its scheduler. The Truss Model's in-process predict and the tests use it; the engine process loads
+one and serves the front-end workers' requests through its scheduler."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import logging
-from concurrent.futures import Future
-
-import numpy as np
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
 
 from . import __version__
-from .aggregation import Aggregator
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import Settings
 from .engines import load_engine
-from .errors import Invalid
-from .scheduler import Scheduler
+from .engines.base import Engine
+from .errors import ApiError
+from .frontend import Frontend, Prepared
+from .scheduler import BatchObserver, Job, Scheduler
 from .schemas import PredictRequest
-from .tokenization import TextTokenizer, Window
+from .scores import TokenScores
+from .tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
-WARMUP = {"inputs": ["Apple is looking at buying U.K. startup for $1 billion"], "aggregation_strategy": "simple"}
+WARMUP = {"inputs": ["Apple is looking at buying U.K. startup for $1 billion"], "aggregation_strategy": "average"}
 
 
-@dataclasses.dataclass
-class Pending:
-    """A request between submission and aggregation: its texts, windows and the engine's Future."""
-
-    request: PredictRequest
-    texts: list[str]
-    windows: list[list[Window]]
-    future: Future
-    tokens: int
+def service_info(settings: Settings, checkpoint: Checkpoint, tokenizer: TextTokenizer, engine: Engine) -> dict:
+    """What /info shows."""
+    return {
+        "model_id": checkpoint.name,
+        "revision": settings.revision,
+        "checkpoint_sha256": checkpoint.sha256,
+        "labels": list(checkpoint.labels),
+        "max_input_tokens": checkpoint.max_input_tokens,
+        "engine": engine.name,
+        "precision": engine.precision,
+        "max_num_tokens": engine.max_num_tokens,
+        "window_stride": tokenizer.window_stride,
+        "max_texts": settings.max_texts,
+        "max_body_bytes": settings.max_body_bytes,
+        "version": __version__,
+    }
 
 
 class NerService:
-    """Loads the checkpoint and engine once; answers requests from any thread."""
+    """Checkpoint, engine and scheduler in this process; answers requests from any thread."""
 
-    def __init__(self, settings: Settings, observe_batch=None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        observe_batch: BatchObserver | None = None,
+        observe_queue: Any = None,
+    ) -> None:
         self.settings = settings
-        self.checkpoint: Checkpoint = load_checkpoint(settings.checkpoint, settings.revision, settings.hf_token)
-        if settings.max_num_tokens < self.checkpoint.max_input_tokens:
-            raise ValueError(
-                f"max_num_tokens={settings.max_num_tokens} is below the model's max input length "
-                f"{self.checkpoint.max_input_tokens}: one full window would not fit a batch"
-            )
-        self.tokenizer = TextTokenizer(
-            self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride
+        self.checkpoint: Checkpoint = load_checkpoint(
+            settings.checkpoint, settings.revision, settings.hf_token, settings.mounts
         )
-        self.aggregator = Aggregator(self.tokenizer, self.checkpoint.labels)
+        tokenizer = TextTokenizer(self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride)
+        self.frontend = Frontend(tokenizer, self.checkpoint.labels)
         self.engine = load_engine(settings, self.checkpoint)
         self.scheduler = Scheduler(
-            self.engine, settings.max_num_tokens, settings.batch_wait_ms, settings.queue_size, observe_batch
+            self.engine, settings.batch_wait_ms, settings.queue_size, observe_batch, observe_queue
         )
 
-    def submit(self, request: PredictRequest) -> Pending:
-        """Tokenize and queue; the engine runs in the scheduler's thread."""
-        texts = request.texts()
-        try:
-            windows = self.tokenizer.encode(texts, request.truncate, request.truncation_direction)
-        except Exception as error:  # tokenizers refuses e.g. lone surrogates
-            raise Invalid(f"inputs: cannot tokenize: {error}") from None
-        sequences = [w.ids for text_windows in windows for w in text_windows]
-        job = self.scheduler.submit(sequences)
-        return Pending(request, texts, windows, job.future, sum(len(s) for s in sequences))
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self.frontend.tokenizer
 
-    def finish(self, pending: Pending, logits: list[np.ndarray]) -> list[list[dict]]:
-        """Aggregate the request's logits into one response list per text."""
-        request = pending.request
-        if not pending.texts:
-            return []
-        if request.aggregation_strategy == "none":
-            return self.aggregator.tokens(pending.texts, pending.windows, logits, request.raw_scores)
-        return self.aggregator.grouped(pending.texts, pending.windows, logits, request.aggregation_strategy)
+    def submit(self, prepared: Prepared) -> Future[TokenScores]:
+        """Queue the request's windows; the Future holds their scores (cancelling it drops the work)."""
+        out = TokenScores.empty(prepared.tokens, len(self.frontend.labels), prepared.keep_logits)
+        future: Future[TokenScores] = Future()
+
+        def done(error: ApiError | None) -> None:
+            with contextlib.suppress(InvalidStateError):  # the caller cancelled it meanwhile
+                if error is None:
+                    future.set_result(out)
+                else:
+                    future.set_exception(error)
+
+        def given_up(settled: Future[TokenScores]) -> None:
+            if settled.cancelled():
+                self.scheduler.cancel(job)
+
+        job = Job(prepared.sequences, out, done)
+        future.add_done_callback(given_up)
+        self.scheduler.submit(job)
+        return future
 
     def predict(self, request: PredictRequest, timeout: float | None = None) -> list[list[dict]]:
-        """Blocking form of submit + finish, for in-process callers (the Truss Model, tests)."""
-        pending = self.submit(request)
-        return self.finish(pending, pending.future.result(timeout))
+        """Tokenize, wait for the engine, aggregate: one response list per text."""
+        prepared = self.frontend.prepare(request)
+        return self.frontend.answer(prepared, self.submit(prepared).result(timeout))
 
     def warm_up(self) -> None:
         """One real request through every step, so the first client does not pay for lazy init."""
         self.predict(PredictRequest.model_validate(WARMUP), timeout=600)
 
     def info(self) -> dict:
-        """What /info shows."""
-        return {
-            "model_id": self.checkpoint.name,
-            "revision": self.settings.revision,
-            "checkpoint_sha256": self.checkpoint.sha256,
-            "labels": list(self.checkpoint.labels),
-            "max_input_tokens": self.checkpoint.max_input_tokens,
-            "engine": self.engine.name,
-            "precision": self.engine.precision,
-            "max_num_tokens": self.settings.max_num_tokens,
-            "window_stride": self.settings.window_stride,
-            "max_texts": self.settings.max_texts,
-            "max_body_bytes": self.settings.max_body_bytes,
-            "version": __version__,
-        }
+        return service_info(self.settings, self.checkpoint, self.tokenizer, self.engine)
 
     def close(self) -> None:
-        """Drain queued work, then release the engine."""
+        """Finish queued work, then release the engine."""
         self.scheduler.close(drain=True)
         self.engine.close()

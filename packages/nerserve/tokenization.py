@@ -9,10 +9,37 @@ instead of being reconfigured per request: one that truncates on the right with 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # a type only: front-end workers never import transformers (and torch with it)
+    from transformers import PreTrainedTokenizerFast
+
+#: the overlap of an over-long text's windows where the model's window is long enough for it
+DEFAULT_WINDOW_STRIDE = 128
+
+
+def window_stride_for(text_tokens: int, requested: int | None) -> int:
+    """The overlap between consecutive windows of an over-long text, for a model whose window holds
+    `text_tokens` tokens of text (its length less the special tokens).
+
+    By default 128, the pipeline users' usual `stride`, where the window holds more than twice that;
+    half the window where it does not (a 128-position model: 63), so every model whose window holds a
+    few tokens reads long texts with the defaults. An explicit overlap must leave each window at least
+    one new token: `requested < text_tokens`, else ValueError saying why."""
+    if text_tokens < 1:
+        raise ValueError(f"the model's window holds no text (text tokens per window: {text_tokens})")
+    if requested is None:
+        return DEFAULT_WINDOW_STRIDE if text_tokens > 2 * DEFAULT_WINDOW_STRIDE else text_tokens // 2
+    if requested >= text_tokens:
+        raise ValueError(
+            f"window_stride {requested} must be less than the text tokens a window of this model holds "
+            f"({text_tokens}): each window must move on by at least one token; leave window_stride unset "
+            f"to get {window_stride_for(text_tokens, None)}"
+        )
+    return requested
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,19 +54,15 @@ class Window:
 class TextTokenizer:
     """Encodes texts into windows and knows the per-vocabulary facts aggregation needs."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int, window_stride: int) -> None:
-        if window_stride >= max_length - tokenizer.num_special_tokens_to_add():
-            raise ValueError(
-                f"window_stride {window_stride} must be less than the tokens a window holds "
-                f"({max_length - tokenizer.num_special_tokens_to_add()})"
-            )
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int, window_stride: int | None) -> None:
+        window_stride = window_stride_for(max_length - tokenizer.num_special_tokens_to_add(), window_stride)
         backend: Tokenizer = tokenizer.backend_tokenizer
         serialized = backend.to_str()
         self._windows = self._configured(serialized, max_length, window_stride, "right")
         self._left = self._configured(serialized, max_length, 0, "left")
         self.max_length = max_length
+        #: the overlap actually used (shown in /info)
         self.window_stride = window_stride
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else -1
         size = max(backend.get_vocab_size(with_added_tokens=True), len(tokenizer))
         tokens = tokenizer.convert_ids_to_tokens(list(range(size)))

@@ -1,4 +1,5 @@
-"""The one interface every runtime implements: token ids in, per-token logits out.
+"""The one interface every runtime implements: token ids in, per-token scores out (`classify`: each
+token's top label and probability, and its logits where asked; `run`: the logits themselves).
 
 Engines take a list of variable-length sequences rather than a padded matrix, so each runtime
 chooses its own layout: ONNX Runtime and TensorRT pad to the longest sequence of the batch (the
@@ -8,10 +9,16 @@ the sequences back to back without padding. `padded` tells the planner which cos
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..batching import plan_batches
+from ..scores import TokenScores
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+    from ..manifest import EngineArtefact
 
 
 class Engine(abc.ABC):
@@ -26,6 +33,15 @@ class Engine(abc.ABC):
     #: padded engines: every sequence of a batch is at least this fraction of the batch's longest
     #: (0.75 is unmeasured for TensorRT and padded torch; ONNX Runtime's 0.9 is bench/padding.py's)
     min_fill: float = 0.75
+    #: the batch budget (real tokens, or batch x longest when padded) where `max_num_tokens` is unset
+    default_max_num_tokens: int = 16384
+    #: the budget this engine serves with, set by load_engine (the setting, this default, or a plan's)
+    max_num_tokens: int = default_max_num_tokens
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> Engine:
+        """This runtime for `checkpoint`, from the built engine folder's `artefact` where one is served."""
 
     def plan(self, lengths: np.ndarray, max_num_tokens: int) -> list[np.ndarray]:
         """Token-budget batches (indices into `lengths`) priced by this engine's cost model."""
@@ -35,9 +51,27 @@ class Engine(abc.ABC):
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits (float32, shape [len(seq), num_labels]) for each int64 id sequence, in order."""
 
+    def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """The scores of every token of `sequences`, concatenated in order. This default takes the
+        softmax on the host in numpy; GPU engines override it to take it where the logits are."""
+        return TokenScores.of_logits(np.concatenate(self.run(sequences)), keep_logits)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release device memory and sessions."""
+
+
+def scores_of_tensor(logits, keep_logits: bool) -> TokenScores:
+    """TokenScores from a torch tensor of logits [n, labels] on any device: softmax, max and argmax run
+    there (the first index on a tie, as numpy's argmax), and only labels and probabilities (and the
+    logits where asked) are copied to the host."""
+    logits = logits.float()
+    probs, labels = logits.softmax(dim=-1).max(dim=-1)
+    return TokenScores(
+        labels.int().cpu().numpy(),
+        probs.cpu().numpy(),
+        logits.cpu().numpy() if keep_logits else None,
+    )
 
 
 def pad_batch(sequences: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

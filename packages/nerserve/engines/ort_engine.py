@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .base import Engine, pad_batch, unpad
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+    from ..manifest import EngineArtefact
 
 
 class OnnxRuntimeEngine(Engine):
@@ -28,6 +33,20 @@ class OnnxRuntimeEngine(Engine):
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._pad_id = pad_id
         self.precision = precision
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> OnnxRuntimeEngine:
+        """The folder's graph, or the checkpoint's own checked export (float32: int8 comes from a build)."""
+        if artefact is not None:
+            return cls(artefact.path, pad_id=checkpoint.pad_id, precision=artefact.precision)
+        if precision not in (None, "fp32"):
+            raise ValueError(
+                f"onnxruntime serves the checkpoint in fp32; precision {precision} needs an engine_dir built "
+                "with it (`make build-engine PRECISION=int8`)"
+            )
+        from ..onnx_export import cached_onnx
+
+        return cls(cached_onnx(checkpoint), pad_id=checkpoint.pad_id)
 
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         ids, mask = pad_batch(sequences, self._pad_id)

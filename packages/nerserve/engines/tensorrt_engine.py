@@ -10,8 +10,7 @@ A build reports its progress through TensorRT's IProgressMonitor (throttled line
 builds fp32 plans without TF32, and shares its timing cache between builds by atomic replacement.
 
 `tensorrt` is imported lazily: this module imports, and `profile_ladder`, `BuildProgress` and the other
-checks work, on machines without it. `load_engine_dir` (defined with the manifest checks it runs) is
-importable from here, where the server's engine selection looks for it."""
+checks work, on machines without it."""
 
 from __future__ import annotations
 
@@ -26,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import load_engine_dir, read_manifest
-from .base import Engine, pad_batch
+from ..checkpoint import Checkpoint
+from ..manifest import EngineArtefact, read_manifest
+from ..scores import TokenScores
+from .base import Engine, pad_batch, scores_of_tensor
 
 __all__ = [
     "PLAN_NAME",
     "BuildProgress",
     "TensorRTEngine",
     "build_engine",
-    "load_engine_dir",
     "pick_profile",
     "profile_ladder",
 ]
@@ -430,6 +430,13 @@ class TensorRTEngine(Engine):
         self._contexts = [self._context(i) for i in range(engine.num_optimization_profiles)]
         self._lock = threading.Lock()
 
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> TensorRTEngine:
+        """The folder's plan: TensorRT serves only what `make build-engine` built on this GPU."""
+        if artefact is None or artefact.kind != "tensorrt":
+            raise ValueError("engine tensorrt needs engine_dir: a folder made by `make build-engine` on this GPU")
+        return cls(artefact.path, pad_id=checkpoint.pad_id, precision=artefact.precision)
+
     def _context(self, profile: int):
         """An execution context on `profile`, bound to the shared buffers and activation memory."""
         import tensorrt as trt
@@ -444,26 +451,35 @@ class TensorRTEngine(Engine):
         return context
 
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        torch = self._torch
         if not sequences:
             return []
+        with self._lock, self._torch.cuda.stream(self._stream):
+            real = self._forward(sequences).float().cpu().numpy()  # .cpu() waits for this stream
+        bounds = np.cumsum([len(s) for s in sequences])[:-1]
+        return [np.ascontiguousarray(part) for part in np.split(real, bounds)]
+
+    def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """Softmax and argmax on the GPU: the host gets labels and probabilities."""
+        with self._lock, self._torch.cuda.stream(self._stream):
+            return scores_of_tensor(self._forward(sequences), keep_logits)
+
+    def _forward(self, sequences: list[np.ndarray]):
+        """The real tokens' logits [sum of lengths, labels] on the GPU, in order (on the engine's stream)."""
+        torch = self._torch
         ids, mask = pad_batch(sequences, self._pad_id)
         batch, longest = ids.shape
         index = pick_profile(self._profiles, batch, longest)
         context = self._contexts[index]
         host = dict(zip(FEEDS, (ids, mask, np.zeros_like(ids)), strict=True))
-        with self._lock, torch.cuda.stream(self._stream):
-            set_batch_shape(context, self._inputs, (batch, longest), index, self._profiles[index])
-            for name, buffer in self._buffers.items():
-                view = buffer[: batch * longest]
-                view.copy_(torch.from_numpy(host[name]).reshape(-1).to(buffer.dtype), non_blocking=True)
-            if not context.execute_async_v3(self._stream.cuda_stream):
-                raise RuntimeError(f"TensorRT failed to run a batch of {batch} x {longest}")
-            logits = self._logits[: batch * longest * self._labels].view(batch, longest, self._labels)
-            real_mask = self._buffers["attention_mask"][: batch * longest].view(batch, longest).bool()
-            real = logits[real_mask].float().cpu().numpy()  # .cpu() waits for this stream
-        bounds = np.cumsum([len(s) for s in sequences])[:-1]
-        return [np.ascontiguousarray(part) for part in np.split(real, bounds)]
+        set_batch_shape(context, self._inputs, (batch, longest), index, self._profiles[index])
+        for name, buffer in self._buffers.items():
+            view = buffer[: batch * longest]
+            view.copy_(torch.from_numpy(host[name]).reshape(-1).to(buffer.dtype), non_blocking=True)
+        if not context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run a batch of {batch} x {longest}")
+        logits = self._logits[: batch * longest * self._labels].view(batch, longest, self._labels)
+        real_mask = self._buffers["attention_mask"][: batch * longest].view(batch, longest).bool()
+        return logits[real_mask]
 
     def close(self) -> None:
         """Drop contexts before the engine and the memory they point into."""

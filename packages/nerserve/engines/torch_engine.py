@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..onnx_export import load_torch_model, model_input_names
-from .base import Engine, pad_batch, unpad
+from ..manifest import EngineArtefact
+from ..scores import TokenScores
+from .base import Engine, pad_batch, scores_of_tensor
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-_OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "bertweet"}
 #: token-count buckets captured as CUDA graphs (a batch above the largest runs eagerly)
 GRAPH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
@@ -96,7 +96,7 @@ def supports_packing(model) -> str | None:
 class PackedEncoder:
     """The HF token classifier's forward on a packed token axis, from the module's own tensors."""
 
-    def __init__(self, model, torch_module, dtype, device: str) -> None:
+    def __init__(self, model, position_offset: int, torch_module, dtype, device: str) -> None:
         torch = torch_module
         self.torch = torch
         F = torch.nn.functional
@@ -109,11 +109,7 @@ class PackedEncoder:
         self.head_dim = self.hidden // self.heads
         self.eps = config.layer_norm_eps
         self.num_labels = model.classifier.out_features
-        self.position_offset = (
-            (getattr(emb, "padding_idx", None) or config.pad_token_id or 0) + 1
-            if config.model_type in _OFFSET_POSITION_MODELS
-            else 0
-        )
+        self.position_offset = position_offset
         act = config.hidden_act
         if act in ("gelu", "gelu_python"):
             self.act = lambda x: F.gelu(x)
@@ -243,10 +239,10 @@ class TorchEngine(Engine):
             raise ValueError(f"the torch engine runs fp32, fp16 or bf16, not {self.precision}")
         dtype = getattr(torch, _DTYPES[self.precision])
         self._dtype = dtype
-        model = load_torch_model(checkpoint)
+        model = checkpoint.load_torch_model()
         self._model: Any = None  # the HF module, on the padded path only
-        self._names = model_input_names(checkpoint)
-        self._pad_id = checkpoint.tokenizer.pad_token_id or 0
+        self._names = checkpoint.input_names
+        self._pad_id = checkpoint.pad_id
         self._max_len = checkpoint.max_input_tokens
         self._encoder: PackedEncoder | None = None
         self._graphs: list[_Graph] = []
@@ -259,9 +255,9 @@ class TorchEngine(Engine):
             packed = False
         if packed:
             with torch.inference_mode():
-                self._encoder = PackedEncoder(model, torch, dtype, self.device)
+                self._encoder = PackedEncoder(model, checkpoint.position_offset, torch, dtype, self.device)
                 try:  # one tiny packed batch first: a torch whose varlen kernel refuses falls back to padded
-                    self._run_packed([np.array([self._pad_id] * 3, np.int64), np.array([self._pad_id] * 5, np.int64)])
+                    self.run([np.array([self._pad_id] * 3, np.int64), np.array([self._pad_id] * 5, np.int64)])
                 except Exception as error:
                     log.warning(
                         "torch engine: packed path failed its smoke test (%s: %s); padded batches",
@@ -296,6 +292,11 @@ class TorchEngine(Engine):
             "packed" if packed else "padded",
             f", {len(self._graphs)} CUDA graphs" if self._graphs else "",
         )
+
+    @classmethod
+    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> TorchEngine:
+        """The checkpoint's own module (an engine folder holds nothing PyTorch serves)."""
+        return cls(checkpoint, precision=precision)
 
     @property
     def packed(self) -> bool:
@@ -341,51 +342,57 @@ class TorchEngine(Engine):
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         if not sequences:
             return []
+        with self._torch.inference_mode():
+            logits = self._forward(sequences).cpu().numpy()
+        return np.split(logits, np.cumsum([len(s) for s in sequences])[:-1])
+
+    def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """Softmax and argmax on the engine's device: the host gets labels and probabilities."""
+        with self._torch.inference_mode():
+            return scores_of_tensor(self._forward(sequences), keep_logits)
+
+    def _forward(self, sequences: list[np.ndarray]):
+        """float32 logits [sum of lengths, labels] on the device, the real tokens of `sequences` in order."""
         if self._encoder is not None:
-            return self._run_packed(sequences)
+            return self._forward_packed(sequences)
         torch = self._torch
         ids, mask = pad_batch(sequences, self._pad_id)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        with torch.inference_mode():
-            tensors = {n: torch.from_numpy(feeds[n]).to(self.device, non_blocking=True) for n in self._names}
-            logits = self._model(**tensors).logits.float().cpu().numpy()
-        return unpad(logits, sequences)
+        tensors = {n: torch.from_numpy(feeds[n]).to(self.device, non_blocking=True) for n in self._names}
+        logits = self._model(**tensors).logits.float()
+        return logits[tensors["attention_mask"].bool()]
 
-    def _run_packed(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def _forward_packed(self, sequences: list[np.ndarray]):
         torch, encoder = self._torch, self._packed
         ids, positions, cu, longest = pack(sequences, encoder.position_offset)
         total = int(cu[-1])
         graph = self._pick_graph(total, len(sequences), longest)
-        with torch.inference_mode():
-            if graph is not None:
-                fill = graph.bucket - total
-                ids_full = np.full(graph.bucket, self._pad_id, dtype=np.int64)
-                ids_full[:total] = ids
-                pos_full = np.full(graph.bucket, encoder.position_offset, dtype=np.int64)
-                pos_full[:total] = positions
-                if fill:  # the filler runs as sequences of at most max_len tokens, ignored after
-                    pos_full[total:] = np.arange(fill) % graph.max_len + encoder.position_offset
-                cu_full = np.full(graph.slots + 1, graph.bucket, dtype=np.int32)
-                cu_full[: len(cu)] = cu
-                cuts = np.arange(total, graph.bucket, graph.max_len, dtype=np.int32)[1:]
-                cu_full[len(cu) : len(cu) + len(cuts)] = cuts
-            if graph is not None:
-                host = torch.from_numpy(np.concatenate([ids_full, pos_full, cu_full.astype(np.int64)]))
-                dev = host.to(self.device)
-                graph.ids.copy_(dev[: graph.bucket])
-                graph.positions.copy_(dev[graph.bucket : 2 * graph.bucket])
-                graph.cu.copy_(dev[2 * graph.bucket :])
-                graph.graph.replay()
-                logits = graph.logits[:total].cpu().numpy()
-            else:
-                dev_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
-                dev_pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
-                dev_cu = torch.from_numpy(cu).to(self.device, non_blocking=True)
-                lengths = None
-                if encoder.varlen is None:
-                    lengths = torch.from_numpy(np.diff(cu).astype(np.int64)).to(self.device)
-                logits = encoder.forward(dev_ids, dev_pos, dev_cu, longest, lengths).cpu().numpy()
-        return np.split(logits, cu[1:-1].astype(np.int64))
+        if graph is None:
+            dev_ids = torch.from_numpy(ids).to(self.device, non_blocking=True)
+            dev_pos = torch.from_numpy(positions).to(self.device, non_blocking=True)
+            dev_cu = torch.from_numpy(cu).to(self.device, non_blocking=True)
+            lengths = None
+            if encoder.varlen is None:
+                lengths = torch.from_numpy(np.diff(cu).astype(np.int64)).to(self.device)
+            return encoder.forward(dev_ids, dev_pos, dev_cu, longest, lengths)
+        fill = graph.bucket - total
+        ids_full = np.full(graph.bucket, self._pad_id, dtype=np.int64)
+        ids_full[:total] = ids
+        pos_full = np.full(graph.bucket, encoder.position_offset, dtype=np.int64)
+        pos_full[:total] = positions
+        if fill:  # the filler runs as sequences of at most max_len tokens, ignored after
+            pos_full[total:] = np.arange(fill) % graph.max_len + encoder.position_offset
+        cu_full = np.full(graph.slots + 1, graph.bucket, dtype=np.int32)
+        cu_full[: len(cu)] = cu
+        cuts = np.arange(total, graph.bucket, graph.max_len, dtype=np.int32)[1:]
+        cu_full[len(cu) : len(cu) + len(cuts)] = cuts
+        host = torch.from_numpy(np.concatenate([ids_full, pos_full, cu_full.astype(np.int64)]))
+        dev = host.to(self.device)
+        graph.ids.copy_(dev[: graph.bucket])
+        graph.positions.copy_(dev[graph.bucket : 2 * graph.bucket])
+        graph.cu.copy_(dev[2 * graph.bucket :])
+        graph.graph.replay()
+        return graph.logits[:total]  # the graph's static output: read before the next replay
 
     def close(self) -> None:
         self._graphs.clear()

@@ -1,0 +1,173 @@
+"""A front-end worker's side of the engine process (transport.py says how the two talk).
+
+`connect` is blocking (run it in a thread): it reaches the engine process's socket, hands over this
+worker's arena, and waits until the engine process has loaded its model and sends what the worker
+needs (tokenizer, labels, /info). After that, everything runs on the worker's event loop: `score`
+writes a request's token ids into the arena, sends SUBMIT, and awaits the DONE that the socket's
+reader callback turns into the request's future; the scores are read in place, and the block is given
+back when the caller is done with them. A request given up (timeout, client gone) is cancelled at
+the engine, and its block is kept until the engine's DONE says nothing more will be written to it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import pickle
+import time
+from multiprocessing import reduction
+from multiprocessing.connection import Client, Connection
+from typing import Any
+
+import numpy as np
+
+from .errors import ApiError, PayloadTooLarge, Unhealthy
+from .scores import TokenScores
+from .tokenization import TextTokenizer
+from .transport import DONE, Arena, Block, Submit, decode, encode_cancel
+
+log = logging.getLogger("nerserve.worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the engine process sends a worker once its model is ready."""
+
+    tokenizer: TextTokenizer
+    labels: tuple[str, ...]
+    info: dict[str, Any]
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    offset: int
+    size: int
+    future: asyncio.Future[None]
+    abandoned: bool = False  # given up by its caller: release the block on DONE
+
+
+class EngineClient:
+    """One worker's connection to the engine process."""
+
+    def __init__(self, address: str, authkey: bytes, arena_bytes: int | None = None) -> None:
+        self.address, self.authkey = address, authkey
+        self.arena = Arena(arena_bytes) if arena_bytes else Arena()
+        self.connection: Connection | None = None
+        self.alive = False
+        self._pending: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._space = asyncio.Event()
+        self.num_labels = 0
+
+    def connect(self, timeout: float = 3600.0) -> Setup:
+        """Reach the engine process and wait for its model (blocking; minutes while a model downloads)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                connection = Client(self.address, family="AF_UNIX", authkey=self.authkey)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        connection.send_bytes(pickle.dumps({"pid": os.getpid()}))
+        reduction.send_handle(connection, self.arena.fd, 0)
+        setup = pickle.loads(connection.recv_bytes())
+        self.connection = connection
+        self.num_labels = len(setup["labels"])
+        return Setup(setup["tokenizer"], tuple(setup["labels"]), setup["info"])
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's answers on `loop` from now on."""
+        assert self.connection is not None
+        self._loop = loop
+        self.alive = True
+        loop.add_reader(self.connection.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        assert self.connection is not None
+        try:
+            while self.connection.poll():
+                kind, payload = decode(self.connection.recv_bytes())
+                if kind == DONE:
+                    self._done(*payload)  # type: ignore[misc]
+        except (EOFError, OSError):
+            self._engine_gone()
+
+    def _done(self, job_id: int, error: ApiError | None) -> None:
+        request = self._pending.pop(job_id, None)
+        if request is None:
+            return
+        if request.abandoned:
+            self._release(request)
+        elif not request.future.done():
+            if error is None:
+                request.future.set_result(None)
+            else:
+                request.future.set_exception(error)
+
+    def _engine_gone(self) -> None:
+        """The engine process went away: every request in flight fails, and so will every new one."""
+        if not self.alive:
+            return
+        self.alive = False
+        assert self._loop is not None and self.connection is not None
+        self._loop.remove_reader(self.connection.fileno())
+        log.error("the engine process went away; %d requests in flight fail", len(self._pending))
+        for request in self._pending.values():
+            if not request.future.done():
+                request.future.set_exception(Unhealthy("the engine process exited"))
+        self._pending.clear()
+
+    def _release(self, request: _Request) -> None:
+        self.arena.release(request.offset, request.size)
+        self._space.set()
+
+    async def _allocate(self, size: int) -> int:
+        """A block of the arena, waiting while other requests hold the space."""
+        if size > self.arena.size:
+            raise PayloadTooLarge(
+                f"the request needs {size >> 20} MiB of transport space; the most is {self.arena.size >> 20} MiB"
+            )
+        while (offset := self.arena.allocate(size)) is None:
+            self._space.clear()
+            await self._space.wait()
+        return offset
+
+    async def score(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """The engine's scores of `sequences`, copied out of the arena (8 bytes a token, and the logits
+        where asked), so the block is free again before aggregation starts."""
+        if not self.alive or self.connection is None:
+            raise Unhealthy("the engine process is not running")
+        tokens = sum(len(s) for s in sequences)
+        size = Block.size(len(sequences), tokens, self.num_labels, keep_logits)
+        offset = await self._allocate(size)
+        block = Block.at(self.arena.buffer, offset, len(sequences), tokens, self.num_labels, keep_logits)
+        block.lengths[:] = [len(s) for s in sequences]
+        if tokens:
+            np.concatenate(sequences, out=block.ids, casting="unsafe")  # int64 ids -> int32
+        job_id = next(self._ids)
+        request = _Request(offset, size, asyncio.get_running_loop().create_future())
+        self._pending[job_id] = request
+        self.connection.send_bytes(Submit(job_id, len(sequences), tokens, offset, keep_logits).encode())
+        try:
+            await request.future
+        except asyncio.CancelledError:
+            if request.future.done() or not self.alive:  # the engine has answered (or is gone): nothing pending
+                self._release(request)
+            else:  # the engine may write the block until its DONE for the cancel
+                request.abandoned = True
+                self.connection.send_bytes(encode_cancel(job_id))
+            raise
+        except BaseException:
+            self._release(request)
+            raise
+        scores = block.scores
+        copied = TokenScores(
+            scores.labels.copy(), scores.probs.copy(), None if scores.logits is None else scores.logits.copy()
+        )
+        self._release(request)
+        return copied

@@ -1,0 +1,162 @@
+"""The engine process: owns the model and the device, and batches every front-end worker's requests.
+
+It listens on a Unix socket before it loads anything, so workers can connect at once; it then loads
+the checkpoint and engine (downloading, exporting ONNX where needed), answers one warm-up request, and
+reports to the supervisor: ("ready", info) or ("failed", one line saying why). Each worker that
+connects hands over its arena (transport.py) and gets what it needs to tokenize and aggregate on its
+own: the tokenizer, the labels and /info. From then on, one thread per worker reads its SUBMIT and
+CANCEL messages and feeds the one scheduler; the scheduler's thread runs the engine and answers DONE.
+
+A worker that goes away has its requests cancelled; the engine process lives on for the others (the
+supervisor starts a new worker). SIGTERM stops it after the scheduler has finished what is queued."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from multiprocessing import reduction
+from multiprocessing.connection import Connection, Listener
+from typing import Any
+
+from .config import Settings
+from .errors import ApiError
+from .metrics import Metrics
+from .scheduler import Job
+from .service import NerService
+from .transport import CANCEL, SUBMIT, Block, Submit, decode, encode_done
+
+log = logging.getLogger("nerserve.engine")
+
+
+class WorkerLink:
+    """One connected worker: its socket, its arena as mapped here, and its jobs in flight."""
+
+    def __init__(self, connection: Connection, arena: mmap.mmap, pid: int) -> None:
+        self.connection = connection
+        self.arena = arena
+        self.pid = pid
+        self.jobs: dict[int, Job] = {}
+        self._send_lock = threading.Lock()
+        self.alive = True
+
+    def send(self, message: bytes) -> None:
+        """Send from any thread; a worker that went away is not an error here."""
+        with self._send_lock:
+            if not self.alive:
+                return
+            try:
+                self.connection.send_bytes(message)
+            except OSError:
+                self.alive = False
+
+
+class EngineHost:
+    """The service's scheduler, fed from worker connections."""
+
+    def __init__(self, service: NerService, metrics: Metrics) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.num_labels = len(service.frontend.labels)
+        self.setup = pickle.dumps(
+            {"tokenizer": service.tokenizer, "labels": service.frontend.labels, "info": service.info()}
+        )
+
+    def serve(self, connection: Connection) -> None:
+        """Handshake with one worker, then read its messages until it goes away (runs in its own thread)."""
+        try:
+            pid = pickle.loads(connection.recv_bytes())["pid"]
+            fd = reduction.recv_handle(connection)
+            arena = mmap.mmap(fd, 0)
+            os.close(fd)
+            connection.send_bytes(self.setup)
+        except (EOFError, OSError) as error:
+            log.warning("a worker left during its handshake: %s", error)
+            return
+        link = WorkerLink(connection, arena, pid)
+        log.info("worker %d connected", pid)
+        try:
+            while True:
+                kind, payload = decode(connection.recv_bytes())
+                if kind == SUBMIT:
+                    assert isinstance(payload, Submit)
+                    self._submit(link, payload)
+                elif kind == CANCEL:
+                    job = link.jobs.get(int(payload))  # type: ignore[call-overload]
+                    if job is not None:
+                        self.service.scheduler.cancel(job)
+        except (EOFError, OSError):
+            pass
+        with link._send_lock:
+            link.alive = False
+        for job in list(link.jobs.values()):
+            self.service.scheduler.cancel(job)
+        log.info("worker %d disconnected; its %d requests in flight were cancelled", pid, len(link.jobs))
+
+    def _submit(self, link: WorkerLink, submit: Submit) -> None:
+        block = Block.at(
+            link.arena, submit.offset, submit.sequences, submit.tokens, self.num_labels, submit.keep_logits
+        )
+
+        def done(error: ApiError | None) -> None:
+            link.jobs.pop(submit.job_id, None)
+            link.send(encode_done(submit.job_id, error))
+
+        job = Job(block.sequences(), block.scores, done)
+        link.jobs[submit.job_id] = job
+        try:
+            self.service.scheduler.submit(job)
+        except ApiError as refused:  # queue full or closing: refused whole, at once
+            job.settle(refused)
+        self.metrics.queue_depth.set(self.service.scheduler.depth)
+
+
+def run(settings: Settings, address: str, authkey: bytes, status: Connection) -> None:
+    """Entry point of the engine process (spawned by the supervisor)."""
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when the engine stops
+    metrics = Metrics()
+    try:
+        service = NerService(settings, observe_batch=metrics.observe_batch, observe_queue=metrics.observe_queue)
+        service.warm_up()
+    except Exception as error:  # one line for the supervisor; the traceback only at debug level
+        log.debug("model failed to load", exc_info=True)
+        status.send(("failed", f"{type(error).__name__}: {error}"))
+        sys.exit(1)
+    host = EngineHost(service, metrics)
+    status.send(("ready", service.info()))
+    log.info(
+        "ready: engine %s %s, max_num_tokens %d",
+        service.engine.name,
+        service.engine.precision,
+        service.engine.max_num_tokens,
+    )
+    threading.Thread(target=_accept, args=(listener, host), name="nerserve-accept", daemon=True).start()
+    while not stopping.wait(0.5):
+        metrics.queue_depth.set(service.scheduler.depth)
+    service.close()  # finishes what is queued
+    log.info("engine stopped")
+
+
+def _accept(listener: Listener, host: EngineHost) -> None:
+    while True:
+        try:
+            connection = listener.accept()
+        except (OSError, EOFError) as error:  # a client that failed authentication, or the listener closing
+            log.warning("refused a connection: %s", error)
+            time.sleep(0.01)
+            continue
+        threading.Thread(target=host.serve, args=(connection,), name="nerserve-worker-link", daemon=True).start()
+
+
+def engine_state(info: dict[str, Any]) -> dict[str, Any]:
+    """The part of the ready message a supervisor logs."""
+    return {key: info[key] for key in ("model_id", "engine", "precision", "max_num_tokens") if key in info}

@@ -1,0 +1,35 @@
+"""Small facts about this server's processes: how many front-end workers a machine gets, and the
+bond between the supervisor and its children."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import os
+import signal
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so a supervisor that is killed
+    outright (SIGKILL, out of memory) leaves no worker or engine process behind holding the port or GPU;
+    and leave the terminal's process group, so Ctrl-C reaches only the supervisor, which drains them."""
+    os.setpgrp()
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: the supervisor's shutdown still stops them
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2
+    `cpu.max`, e.g. "400000 100000" for 4 cores; os.cpu_count() would count the host's)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

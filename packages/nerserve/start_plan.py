@@ -1,0 +1,103 @@
+"""What the container does before the server starts (`python -m nerserve.start_plan`, run by
+model/start.sh): decide which TensorRT engine folder the server will serve, or where to build one.
+
+With engine `auto` or `tensorrt`, no `engine_dir` set, and a GPU and TensorRT present, the server
+should get a TensorRT plan for this checkpoint, GPU, TensorRT version, precision and batch budget:
+the folder shipped in the image (`data/engine`) when it fits, else the one in the engine cache (on
+Baseten, b10cache survives restarts and is shared by replicas), else a new one built there. Whether a
+folder fits is decided by `manifest.load_engine_dir`, the check the server itself runs at load.
+
+Prints shell assignments for start.sh: `engine_dir=<folder>` (serve it), or `build_dir=<folder>` with
+the build's arguments, or nothing (the server chooses its engine alone). A checkpoint that cannot be
+had (no hub, no mount) ends it with a non-zero status and one line saying why, so the container stops
+at once instead of retrying for ever."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import Settings
+from .manifest import Platform, current_platform, load_engine_dir
+
+log = logging.getLogger("nerserve.start")
+#: Baseten's b10cache, deployment scope: survives restarts, shared by the deployment's replicas
+DEFAULT_ENGINE_CACHE = Path("/cache/model/nerserve-engines")
+
+
+def engine_cache(environ: dict[str, str]) -> Path:
+    """`NERSERVE_ENGINE_CACHE_DIR`, or b10cache where it is writable, else a folder that lives as long as
+    the container (every start then builds again)."""
+    for folder in (
+        Path(environ.get("NERSERVE_ENGINE_CACHE_DIR") or DEFAULT_ENGINE_CACHE),
+        Path.home() / ".cache" / "nerserve-engines",
+    ):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise RuntimeError("no writable engine cache: set NERSERVE_ENGINE_CACHE_DIR")
+
+
+def cache_key(checkpoint: Checkpoint, settings: Settings, budget: int, here: Platform) -> str:
+    """Names the cached engine of one checkpoint content, precision, budget, GPU and TensorRT version."""
+    parts = [checkpoint.sha256, settings.precision or "", str(budget), *map(str, dataclasses.astuple(here))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def plan(settings: Settings, here: Platform, baked: Path, environ: dict[str, str]) -> dict[str, str]:
+    """The assignments for start.sh (see the module docstring)."""
+    if settings.engine not in ("auto", "tensorrt") or settings.engine_dir or not here.tensorrt_version:
+        return {}
+    if not here.has_gpu:
+        return {}
+    from .engines.tensorrt_engine import TensorRTEngine
+
+    checkpoint = load_checkpoint(settings.checkpoint, settings.revision, settings.hf_token, settings.mounts)
+    budget = settings.max_num_tokens or TensorRTEngine.default_max_num_tokens
+    target = engine_cache(environ) / cache_key(checkpoint, settings, budget, here)
+    for folder in (baked, target):
+        if not (folder / "manifest.json").is_file():
+            continue
+        try:
+            load_engine_dir(folder, checkpoint, "tensorrt", here, settings.precision, settings.max_num_tokens)
+        except ValueError as why:
+            log.warning("start: not serving %s: %s", folder, why)
+            continue
+        return {"engine_dir": str(folder)}
+    # The build reads the folder already resolved here (mount or hub cache): no second download.
+    return {
+        "build_dir": str(target),
+        "checkpoint": str(checkpoint.path),
+        "precision": settings.precision or "",
+        "max_num_tokens": str(budget),
+    }
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    config_path = Path(os.environ.get("NERSERVE_CONFIG", "config.yaml"))
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        settings = Settings.from_config(config or {})
+        assignments = plan(settings, current_platform(), config_path.parent / "data" / "engine", dict(os.environ))
+    except Exception as error:  # one line, the cause: the container stops and the platform shows it
+        print(f"nerserve: cannot start: {error}", file=sys.stderr)
+        return 1
+    for name, value in assignments.items():
+        print(f"{name}={shlex.quote(value)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

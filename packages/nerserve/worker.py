@@ -1,0 +1,102 @@
+"""A front-end worker process: HTTP, validation, tokenization, aggregation and encoding, on the listening
+socket the supervisor shares with every worker (the kernel hands each connection to one of them).
+
+It starts serving at once (/health says 503 "model is loading"), reaches the engine process in a
+thread, gets its tokenizer from it, answers one warm-up request through the engine, and only then
+reports healthy. SIGTERM (from the supervisor) drains it: 503 to new requests and /health for
+`shutdown_grace_s` while the port stays open, then uvicorn's graceful shutdown finishes what was
+accepted, within the server's `shutdown_timeout_s`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from .app import WorkerState, create_app
+from .config import Settings
+from .engine_client import EngineClient, Setup
+from .frontend import Frontend
+from .metrics import Metrics
+from .process import die_with_parent
+from .schemas import PredictRequest
+from .service import WARMUP
+
+log = logging.getLogger("nerserve.worker")
+#: the supervisor's share of the shutdown window: after the workers are done, the engine stops
+ENGINE_STOP_S = 1.0
+
+
+def run(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    import uvicorn
+
+    die_with_parent()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    state = WorkerState(EngineClient(address, authkey))
+    app = create_app(settings, state, Metrics())
+    app.router.lifespan_context = _lifespan(state)
+    graceful = max(int(settings.shutdown_timeout_s - settings.shutdown_grace_s - ENGINE_STOP_S), 1)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful)
+    server = draining_server(
+        config, on_drain=lambda: setattr(state, "closing", True), grace_s=settings.shutdown_grace_s
+    )
+    server.run(sockets=[sock])
+
+
+def _lifespan(state: WorkerState) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        def connect() -> None:
+            try:
+                setup = state.client.connect()
+            except Exception as error:  # the engine process never came up: the supervisor ends the server
+                loop.call_soon_threadsafe(setattr, state, "failure", f"engine process unreachable: {error}")
+                return
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(_warm_up(state, setup)))
+
+        threading.Thread(target=connect, name="nerserve-connect", daemon=True).start()
+        yield
+
+    return lifespan
+
+
+async def _warm_up(state: WorkerState, setup: Setup) -> None:
+    """One request through this worker's whole path before it says it is healthy."""
+    state.client.start(asyncio.get_running_loop())
+    frontend = Frontend(setup.tokenizer, setup.labels)
+    try:
+        prepared = frontend.prepare(PredictRequest.model_validate(WARMUP))
+        frontend.answer(prepared, await state.client.score(prepared.sequences, prepared.keep_logits))
+    except Exception as error:
+        state.failure = f"warm-up request failed: {type(error).__name__}: {error}"
+        log.error("%s", state.failure)
+        return
+    state.info, state.frontend = setup.info, frontend
+
+
+def draining_server(config, on_drain: Callable[[], None], grace_s: float):  # noqa: ANN001, ANN201 - uvicorn types
+    """uvicorn's Server with a drain phase: the first SIGTERM/SIGINT flips /health and new requests to 503
+    (load balancers stop routing, clients get an answer instead of a reset), keeps the port open for
+    `grace_s` while accepted requests finish, then shuts down as uvicorn does; a second signal is at once."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - uvicorn's signature
+            if self.draining or grace_s <= 0:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            on_drain()
+            log.info("draining for %.1fs before shutdown", grace_s)
+            threading.Timer(grace_s, super().handle_exit, (sig, frame)).start()
+
+    return _Server(config)
