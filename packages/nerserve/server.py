@@ -30,6 +30,7 @@ from .config import Settings
 from .errors import ApiError, Backend, BadRequest, PayloadTooLarge, Timeout, Unauthorized, Unhealthy
 from .metrics import Metrics
 from .schemas import PredictRequest, TokenResult, parse_request
+from .ui import add_page
 
 log = logging.getLogger("nerserve")
 PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
@@ -63,7 +64,7 @@ class Envelope:
     one structured log line per request. Plain ASGI rather than `@app.middleware("http")`, whose
     per-request task group and body streams cost more than the rest of a small request."""
 
-    OPEN_PATHS = ("/health", "/openapi.json", "/docs")
+    OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/ui", "/")  # the page is public; its fetches send the key
     ROUTES = PREDICT_ROUTES + ("/health", "/info", "/metrics")
 
     def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
@@ -248,6 +249,7 @@ def create_app(config: dict, root: Path, secrets: dict | None = None) -> FastAPI
             metrics.queue_depth.set(state.model.service.scheduler.depth)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    add_page(app)
     return app
 
 
