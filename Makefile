@@ -17,7 +17,7 @@ endif
 OUT ?= data/engine
 export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
-.PHONY: install lint format serve test stress bench build-engine clean
+.PHONY: install lint format serve test stress bench screenshot build-engine clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ stress: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
+screenshot: $(STAMP)
+	UPDATE_SCREENSHOT=1 $(PY) -m pytest -q tests/test_ui.py -k screenshot
 
 # The checkpoint, precision and budget default to the server's (config.yaml, engine defaults).
 build-engine: $(STAMP)

@@ -30,6 +30,7 @@ from .errors import ApiError, Backend, BadRequest, PayloadTooLarge, Timeout, Una
 from .frontend import Frontend
 from .metrics import Metrics, render
 from .schemas import PredictRequest, TokenResult, parse_request
+from .ui import add_page
 
 log = logging.getLogger("nerserve")
 PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
@@ -82,7 +83,7 @@ class Envelope:
     ASGI rather than `@app.middleware("http")`, whose task group and body streams cost more than the
     rest of a small request."""
 
-    OPEN_PATHS = ("/health", "/openapi.json", "/docs")
+    OPEN_PATHS = ("/health", "/openapi.json", "/docs", "/ui", "/")  # the page is public; its fetches send the key
     ROUTES = (*PREDICT_ROUTES, "/health", "/info", "/metrics")
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, metrics: Metrics) -> None:
@@ -247,6 +248,7 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
     async def prometheus() -> Response:
         return Response(render(), media_type="text/plain; version=0.0.4")
 
+    add_page(app)
     return app
 
 
