@@ -24,7 +24,9 @@ import numpy as np  # noqa: E402
 from nerserve import manifest as manifest_lib  # noqa: E402
 from nerserve import onnx_export  # noqa: E402
 from nerserve.checkpoint import Checkpoint, cache_root, load_checkpoint  # noqa: E402
+from nerserve.config import PRECISIONS, Settings, config_path, read_config  # noqa: E402
 from nerserve.engines.ort_engine import OnnxRuntimeEngine  # noqa: E402
+from nerserve.engines.tensorrt_engine import TensorRTEngine  # noqa: E402
 
 DEFAULT_CONLL = REPO.parent / "shared" / "data" / "conll2003" / "eng.testa"
 #: the serving contract (API.md): int8 may move entity F1 on CoNLL dev by at most 1 point
@@ -113,7 +115,7 @@ def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
 
 def conll_f1(onnx_path: Path, checkpoint: Checkpoint, data: list[tuple[list[str], list[str]]], precision: str) -> float:
     """Entity F1 of ONNX Runtime serving `onnx_path` on `data`."""
-    engine = OnnxRuntimeEngine(onnx_path, checkpoint.tokenizer.pad_token_id or 0, precision=precision)
+    engine = OnnxRuntimeEngine(onnx_path, checkpoint.pad_id, precision=precision)
     predicted = predict_word_tags(engine, checkpoint, [words for words, _ in data])
     return entity_f1([tags for _, tags in data], predicted)
 
@@ -224,7 +226,7 @@ def stage_tensorrt(
     args: argparse.Namespace, checkpoint: Checkpoint, out: Path, platform: manifest_lib.Platform, shapes
 ) -> tuple[dict, dict, list]:
     """Stage 2: half-precision ONNX (when asked), plan over the profile ladder, parity of the plan."""
-    from nerserve.engines.tensorrt_engine import TensorRTEngine, build_engine, profile_ladder
+    from nerserve.engines.tensorrt_engine import build_engine, profile_ladder
 
     started = time.perf_counter()
     source = out / onnx_export.ONNX_NAME
@@ -247,7 +249,7 @@ def stage_tensorrt(
         precision=args.precision,
         report=lambda line: stage(f"      {line}"),  # TensorRT's progress, indented like the checks' lines
     )
-    engine = TensorRTEngine(plan, checkpoint.tokenizer.pad_token_id or 0, precision=args.precision)
+    engine = TensorRTEngine(plan, checkpoint.pad_id, precision=args.precision)
     try:
         parity = checked(
             onnx_export.check_engine_against_torch(checkpoint, engine, shapes=shapes),
@@ -260,25 +262,36 @@ def stage_tensorrt(
     return {"file": plan.name, "precision": args.precision}, parity, profiles
 
 
+def server_settings() -> Settings:
+    """The server's settings (config.yaml at NERSERVE_CONFIG, under NERSERVE_* variables): the build's
+    defaults, so `make build-engine` builds for what `make serve` will serve."""
+    return Settings.from_config(read_config(config_path(REPO / "config.yaml")))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    settings = server_settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
-        required=True,
-        help="HF repo id (fetched once into the hub cache) or a local folder in HF format",
+        default=settings.checkpoint,
+        help="HF repo id (fetched once into the hub cache) or a local folder in HF format "
+        f"(default: the server's, {settings.checkpoint})",
     )
-    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub checkpoint (default: main)")
+    parser.add_argument(
+        "--revision", default=settings.revision, help="branch, tag or commit of a hub checkpoint (default: main)"
+    )
+    budget = settings.max_num_tokens or TensorRTEngine.default_max_num_tokens
     parser.add_argument(
         "--max-num-tokens",
         type=int,
-        default=16384,
+        default=budget,
         help="token budget of one padded batch (batch x longest); sizes the TensorRT profiles; "
-        "must be at least the model's max input length (default 16384)",
+        f"must be at least the model's max input length (default: the server's, {budget})",
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "bf16", "int8"),
-        default=None,
+        choices=PRECISIONS,
+        default=settings.precision,
         help="fp16 (default with a CUDA GPU) or bf16 (GPUs with bf16, compute capability >= 8.0): "
         "the TensorRT plan's precision, taken from a half-precision ONNX; fp32 (default on CPU); "
         "int8: ONNX Runtime dynamic quantization for CPU, F1 measured against fp32",
@@ -328,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    checkpoint = load_checkpoint(args.checkpoint, args.revision)
+    settings = server_settings()
+    checkpoint = load_checkpoint(args.checkpoint, args.revision, settings.hf_token, settings.mounts)
     if args.max_num_tokens < checkpoint.max_input_tokens:
         sys.exit(
             f"--max-num-tokens {args.max_num_tokens} is below the model's max input length "

@@ -13,9 +13,14 @@ import os
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 ENV_PREFIX = "NERSERVE_"
+#: where config.yaml is: NERSERVE_CONFIG (the image sets /app/config.yaml), else the working directory's
+CONFIG_VARIABLE = "NERSERVE_CONFIG"
 DEFAULT_CHECKPOINT = "dslim/bert-base-NER-uncased"
 ENGINES = ("auto", "tensorrt", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -118,6 +123,18 @@ def mounted_weights(config: Mapping[str, Any]) -> dict[str, str]:
             repo = uri.removeprefix("hf://")
             mounts[repo if "@" in repo else f"{repo}@main"] = str(source["mount_location"])
     return mounts
+
+
+def config_path(default: Path = Path("config.yaml")) -> Path:
+    """The config.yaml in use (NERSERVE_CONFIG, else `default`)."""
+    return Path(os.environ.get(CONFIG_VARIABLE) or default).resolve()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.yaml as a dict ({} where there is none: every setting then has its default)."""
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def _secret(secrets: Any, name: str) -> str | None:

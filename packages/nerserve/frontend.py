@@ -17,6 +17,9 @@ from .schemas import PredictRequest
 from .scores import TokenScores
 from .tokenization import TextTokenizer, Window
 
+#: the request a process answers before it says it is ready (`average` takes the logits path too)
+WARMUP = {"inputs": ["Apple is looking at buying U.K. startup for $1 billion"], "aggregation_strategy": "average"}
+
 
 @dataclasses.dataclass
 class Prepared:

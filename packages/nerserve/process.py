@@ -11,6 +11,8 @@ import signal
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+#: the end of the shutdown window left to the engine process, once the workers have drained
+ENGINE_STOP_S = 1.0
 
 
 def die_with_parent() -> None:
@@ -20,6 +22,22 @@ def die_with_parent() -> None:
     os.setpgrp()
     with contextlib.suppress(AttributeError, OSError):  # not Linux: the supervisor's shutdown still stops them
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_engine(*args: object) -> None:
+    """The engine process's entry point; imports the model stack (torch, transformers) only there."""
+    die_with_parent()
+    from .engine_process import run
+
+    run(*args)  # type: ignore[arg-type]
+
+
+def run_worker(*args: object) -> None:
+    """A front-end worker's entry point; it never imports torch or transformers."""
+    die_with_parent()
+    from .worker import run
+
+    run(*args)  # type: ignore[arg-type]
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

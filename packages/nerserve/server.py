@@ -33,12 +33,9 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import engine_process, worker
-from .config import Settings
+from .config import Settings, config_path, read_config
 from .metrics import MULTIPROC_DIR, process_gone
-from .process import usable_cores
+from .process import ENGINE_STOP_S, run_engine, run_worker, usable_cores
 
 log = logging.getLogger("nerserve")
 
@@ -69,7 +66,7 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         status_read, status_write = self.spawn.Pipe(duplex=False)
         engine = self.spawn.Process(
-            target=engine_process.run,
+            target=run_engine,
             args=(self.settings, self.address, self.authkey, status_write),
             name="nerserve-engine",
         )
@@ -101,7 +98,7 @@ class Supervisor:
 
     def _start_worker(self, listening: socket.socket) -> None:
         process = self.spawn.Process(
-            target=worker.run, args=(self.settings, listening, self.address, self.authkey), name="nerserve-worker"
+            target=run_worker, args=(self.settings, listening, self.address, self.authkey), name="nerserve-worker"
         )
         process.start()
         self.workers[process.sentinel] = process
@@ -153,7 +150,7 @@ class Supervisor:
         """SIGTERM the workers (they drain) and wait for them, then the engine process; kill what outlives
         the shutdown window. With `workers_first` False (a failure) nothing is left to drain."""
         self.stopping = True
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s - worker.ENGINE_STOP_S
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s - ENGINE_STOP_S
         for process in self.workers.values():
             _signal(process, signal.SIGTERM if workers_first else signal.SIGKILL)
         for process in self.workers.values():
@@ -163,7 +160,7 @@ class Supervisor:
                 _signal(process, signal.SIGKILL)
                 process.join()
         _signal(engine, signal.SIGTERM)
-        engine.join(worker.ENGINE_STOP_S if workers_first else 5.0)
+        engine.join(ENGINE_STOP_S if workers_first else 5.0)
         if engine.is_alive():
             _signal(engine, signal.SIGKILL)
             engine.join()
@@ -180,17 +177,9 @@ def _signal(process: BaseProcess, signum: int) -> None:
         os.kill(process.pid, signum)
 
 
-def read_config(path: Path) -> dict:
-    """config.yaml as a dict ({} where there is none: every setting then has its default)."""
-    if not path.exists():
-        return {}
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def main() -> None:
-    config_path = Path(os.environ.get("NERSERVE_CONFIG", "config.yaml")).resolve()
     try:
-        settings = Settings.from_config(read_config(config_path))
+        settings = Settings.from_config(read_config(config_path()))
     except ValueError as error:
         print(f"nerserve: cannot start: {error}", file=sys.stderr, flush=True)
         sys.exit(2)

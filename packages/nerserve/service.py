@@ -15,14 +15,13 @@ from .config import Settings
 from .engines import load_engine
 from .engines.base import Engine
 from .errors import ApiError
-from .frontend import Frontend, Prepared
+from .frontend import WARMUP, Frontend, Prepared
 from .scheduler import BatchObserver, Job, Scheduler
 from .schemas import PredictRequest
 from .scores import TokenScores
 from .tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
-WARMUP = {"inputs": ["Apple is looking at buying U.K. startup for $1 billion"], "aggregation_strategy": "average"}
 
 
 def service_info(settings: Settings, checkpoint: Checkpoint, tokenizer: TextTokenizer, engine: Engine) -> dict:

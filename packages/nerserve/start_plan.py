@@ -22,10 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import Settings
+from .config import Settings, config_path, read_config
 from .manifest import Platform, current_platform, load_engine_dir
 
 log = logging.getLogger("nerserve.start")
@@ -86,11 +84,10 @@ def plan(settings: Settings, here: Platform, baked: Path, environ: dict[str, str
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    config_path = Path(os.environ.get("NERSERVE_CONFIG", "config.yaml"))
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    path = config_path()
     try:
-        settings = Settings.from_config(config or {})
-        assignments = plan(settings, current_platform(), config_path.parent / "data" / "engine", dict(os.environ))
+        settings = Settings.from_config(read_config(path))
+        assignments = plan(settings, current_platform(), path.parent / "data" / "engine", dict(os.environ))
     except Exception as error:  # one line, the cause: the container stops and the platform shows it
         print(f"nerserve: cannot start: {error}", file=sys.stderr)
         return 1

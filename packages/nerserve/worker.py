@@ -21,22 +21,18 @@ from fastapi import FastAPI
 from .app import WorkerState, create_app
 from .config import Settings
 from .engine_client import EngineClient, Setup
-from .frontend import Frontend
+from .frontend import WARMUP, Frontend
 from .metrics import Metrics
-from .process import die_with_parent
+from .process import ENGINE_STOP_S
 from .schemas import PredictRequest
-from .service import WARMUP
 
 log = logging.getLogger("nerserve.worker")
-#: the supervisor's share of the shutdown window: after the workers are done, the engine stops
-ENGINE_STOP_S = 1.0
 
 
 def run(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
     import uvicorn
 
-    die_with_parent()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     state = WorkerState(EngineClient(address, authkey))
     app = create_app(settings, state, Metrics())
