@@ -32,7 +32,7 @@ MAX_LENGTH = 512
 KINDS = ("wordpiece-uncased", "wordpiece-cased", "bpe")
 
 
-def _wordpiece_tokenizer(cased: bool) -> PreTrainedTokenizerFast:
+def _wordpiece_tokenizer(cased: bool, max_length: int) -> PreTrainedTokenizerFast:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cased)
@@ -51,12 +51,12 @@ def _wordpiece_tokenizer(cased: bool) -> PreTrainedTokenizerFast:
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
         do_lower_case=not cased,
     )
 
 
-def _bpe_tokenizer() -> PreTrainedTokenizerFast:
+def _bpe_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -77,7 +77,7 @@ def _bpe_tokenizer() -> PreTrainedTokenizerFast:
         cls_token="<s>",
         sep_token="</s>",
         mask_token="<mask>",
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
     )
 
 
@@ -90,11 +90,12 @@ def _decisive(model: torch.nn.Module, seed: int) -> None:
         model.classifier.bias.copy_(torch.tensor([-1.0] + [0.0] * (len(LABELS) - 1)))
 
 
-def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0) -> Path:
+def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0, max_length: int = MAX_LENGTH) -> Path:
     """Write checkpoint `kind` into `out` (created) and return it.
 
     `embedding_shortfall` > 0 gives the model that many fewer embeddings than the tokenizer has ids:
-    a real engine then fails on exactly the batches holding one of those tokens (fault tests)."""
+    a real engine then fails on exactly the batches holding one of those tokens (fault tests).
+    `max_length` is the model's window (positions and the tokenizer's limit): 128 for small NER models."""
     assert kind in KINDS, kind
     torch.manual_seed(seed)
     id2label = dict(enumerate(LABELS))
@@ -108,10 +109,10 @@ def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0) -> 
         label2id=label2id,
     )
     if kind == "bpe":
-        tokenizer = _bpe_tokenizer()
+        tokenizer = _bpe_tokenizer(max_length)
         config = RobertaConfig(
             vocab_size=len(tokenizer),
-            max_position_embeddings=MAX_LENGTH + 2,
+            max_position_embeddings=max_length + 2,
             pad_token_id=1,
             bos_token_id=0,
             eos_token_id=2,
@@ -120,9 +121,9 @@ def build(kind: str, out: Path, seed: int = 0, embedding_shortfall: int = 0) -> 
         )
         model = RobertaForTokenClassification(config)
     else:
-        tokenizer = _wordpiece_tokenizer(cased=kind == "wordpiece-cased")
+        tokenizer = _wordpiece_tokenizer(kind == "wordpiece-cased", max_length)
         config = BertConfig(
-            vocab_size=len(tokenizer) - embedding_shortfall, max_position_embeddings=MAX_LENGTH, pad_token_id=0, **small
+            vocab_size=len(tokenizer) - embedding_shortfall, max_position_embeddings=max_length, pad_token_id=0, **small
         )
         model = BertForTokenClassification(config)
     _decisive(model, seed)

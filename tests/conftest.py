@@ -118,12 +118,16 @@ class ServerProcess:
             time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout}s: {self.output()}")
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
+    def output(self, tail: int | None = 4000) -> str:
+        """The server's log so far (its last `tail` characters; None: all of it)."""
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def stop(self) -> bool:
         """SIGTERM, as an orchestrator stops it; True when it shut down gracefully (uvicorn re-raises the
         signal after its graceful shutdown, so the exit status is -SIGTERM)."""
+        started = time.monotonic()
         self.process.terminate()
         code = self.process.wait(timeout=60)
+        self.stop_seconds = time.monotonic() - started
         return code in (0, -signal.SIGTERM) and "shutdown complete" in self.output()

@@ -199,3 +199,33 @@ def test_shared_real_checkpoint_equals_pipeline() -> None:
     )[0]
     # The pipeline's answer (checked equal above): "." tokens are O, so U.K. comes out as two LOC entities.
     assert [(e["token"], next(iter(e["results"]))) for e in seed] == [("Apple", "ORG"), ("U", "LOC"), ("K", "LOC")]
+
+
+def test_128_position_checkpoint_serves_every_strategy_with_defaults(tmp_path) -> None:
+    """Many small NER checkpoints have a 128-token window: with every default (no truncation, the window
+    overlap chosen to fit: 63) over-long texts are read whole, and each strategy equals the pipeline
+    (grouped ones run with the same stride; `none` on the texts that fit, and every token once on the rest)."""
+    import checkpoints
+
+    path = str(checkpoints.build("wordpiece-uncased", tmp_path / "w128", max_length=128))
+    svc = NerService(Settings(checkpoint=path, engine="onnxruntime"))
+    assert svc.tokenizer.window_stride == 63 and svc.info()["window_stride"] == 63
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lengths = [len(tokenizer(text)["input_ids"]) for text in TEXTS]
+    texts = [t for t, n in zip(TEXTS, lengths, strict=True) if n > 128] + TEXTS[:60]
+    assert sum(n > 128 for n in lengths) >= 4, "the corpus should have texts over 128 tokens"
+    for strategy in GROUPED:
+        got = svc.predict(parse_request({"inputs": texts, "aggregation_strategy": strategy}, 1000))
+        items, worst = compare(oracle(path, strategy, stride=63, texts=tuple(texts)), got, texts, 1e-3)
+        assert max(a["end"] for a in got[0]) > 512, "the first text is read past its first window"
+        record(
+            f"{'wordpiece 128 pos':18} onnxruntime  {strategy:8} defaults (stride 63): {len(texts)} texts, "
+            f"{items} entities equal"
+        )
+    fitting = [t for t, n in zip(TEXTS, lengths, strict=True) if n <= 128]
+    got = svc.predict(parse_request({"inputs": fitting, "aggregation_strategy": "none"}, 1000))
+    compare(oracle(path, "none", texts=tuple(fitting)), content_tokens(got, path), fitting, 1e-3)
+    long_text = texts[0]
+    whole = svc.predict(parse_request({"inputs": long_text}, 10))[0]
+    assert [t["token_id"] for t in whole] == tokenizer(long_text)["input_ids"]
+    svc.close()

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 import checkpoints
 import corpus
 from conftest import ServerProcess, record
+from nerserve.config import Settings
 
 SHORTFALL = 40
 
@@ -258,4 +259,6 @@ def test_sigterm_under_load_loses_no_accepted_request(built) -> None:
     assert graceful, process.output()
     outcomes = Counter(results)
     assert outcomes["complete"] > 0 and set(outcomes) <= {"complete", 503, "refused"}, outcomes
-    record(f"SIGTERM under load: {dict(outcomes)}")
+    # Truss's supervisord kills the server 10 s after its SIGTERM: the drain ends well inside that.
+    assert process.stop_seconds < Settings().shutdown_timeout_s + 0.5 < 10
+    record(f"SIGTERM under load: {dict(outcomes)}; all processes gone {process.stop_seconds:.1f} s after the signal")

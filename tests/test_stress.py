@@ -1,18 +1,20 @@
 """`make stress`: 64 concurrent clients for 60 s of mixed lengths and strategies against a real server.
 
 Every request is answered; each answer equals the same request sent alone; the only errors allowed
-are 429s; the server's memory is flat: its resident size at the end is within 10% + 32 MiB of what
+are 429s; the server's memory (all its processes) is flat: its resident size at the end is within 10% + 32 MiB of what
 it was after WARMUP seconds of the same load (ONNX Runtime's arena grows to the largest concurrent
 batch in the first seconds and keeps it; a leak keeps growing). Longer fuzzing runs here too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -27,8 +29,16 @@ WARMUP = 15.0  # seconds into the load when the baseline resident size is taken
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+    """Resident memory of a process and all its descendants (the supervisor, its engine process, workers)."""
+    total, children = 0, [pid]
+    while children:
+        current = children.pop()
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{current}/status") as status:
+                total += next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children += [int(child) for child in (task / "children").read_text().split()]
+    return total
 
 
 def requests_mix(seed: int = 5) -> list[dict]:
@@ -64,7 +74,9 @@ def same_answer(got: list, want: list, tolerance: float = 1e-4) -> bool:
 
 
 def test_load_64_clients_mixed(built) -> None:
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "QUEUE_SIZE": "512"})
+    process = ServerProcess(
+        {"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "QUEUE_SIZE": "512", "WORKERS": "2"}
+    )
     process.wait_ready()
     try:
         bodies = requests_mix()

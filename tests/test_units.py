@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from nerserve.batching import plan_batches
 from nerserve.config import Settings
 from nerserve.errors import Empty, Invalid, PayloadTooLarge
@@ -105,3 +106,108 @@ def test_checkpoint_without_labels_or_fast_tokenizer_is_refused(built, tmp_path)
     (no_labels / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="id2label"):
         NerService(Settings(checkpoint=str(no_labels), engine="onnxruntime"))
+
+
+def test_window_stride_fits_the_model() -> None:
+    from nerserve.tokenization import window_stride_for
+
+    assert window_stride_for(510, None) == 128  # BERT's 512 positions
+    assert window_stride_for(126, None) == 63  # a 128-position model: half its window
+    assert window_stride_for(6, None) == 3  # an 8-token window still reads long texts
+    assert window_stride_for(126, 100) == 100
+    with pytest.raises(ValueError, match=r"window_stride 128 must be less than .* \(126\).*unset to get 63"):
+        window_stride_for(126, 128)
+
+
+def test_a_gpu_that_pytorch_cannot_use_is_named() -> None:
+    from nerserve.engines import cuda_unusable_reason, nvidia_devices
+
+    assert cuda_unusable_reason([], False, "2.13.0+cpu", None, None) is None  # no GPU: the CPU, by design
+    assert cuda_unusable_reason(["nvidia0"], True, "2.13.0", "12.8", "NVRM 570.86") is None
+    reason = cuda_unusable_reason(["nvidia0"], False, "2.13.0", "13.0", "NVRM version: 535.104.05")
+    assert reason and "/dev/nvidia0" in reason and "535.104.05" in reason and "CUDA 13.0" in reason
+    assert "engine to onnxruntime" in reason
+    assert nvidia_devices() == []  # this machine has none
+
+
+def test_weights_mounted_by_truss_are_read_instead_of_the_hub(built, tmp_path) -> None:
+    from nerserve.checkpoint import CheckpointUnavailable, load_checkpoint
+    from nerserve.config import mounted_weights
+
+    config = {
+        "weights": [
+            {"source": "hf://acme/ner@main", "mount_location": str(built("wordpiece-cased"))},
+            {"source": "s3://bucket/other", "mount_location": "/other"},
+        ]
+    }
+    mounts = mounted_weights(config)
+    assert mounts == {"acme/ner@main": str(built("wordpiece-cased"))}
+    assert load_checkpoint("acme/ner", mounts=mounts).path == built("wordpiece-cased")
+    with pytest.raises(CheckpointUnavailable, match="'acme/ner' .revision v2.: the Hugging Face hub could not be"):
+        load_checkpoint("acme/ner", revision="v2", mounts=mounts)  # another revision: not the mounted one
+
+
+def test_config_yaml_mounts_the_checkpoint_it_serves() -> None:
+    """The image reads the checkpoint from its weights mount only if the two name the same repository."""
+    from nerserve.config import Settings, read_config
+
+    config = read_config(ROOT / "config.yaml")
+    settings = Settings.from_config(config, environ={})
+    assert f"{settings.checkpoint}@{settings.revision or 'main'}" in settings.mounts
+
+
+def test_arena_allocates_reuses_and_coalesces() -> None:
+    from nerserve.transport import ALIGN, Arena
+
+    arena = Arena(size=64 * ALIGN)
+    a, b, c = (arena.allocate(10 * ALIGN) for _ in range(3))
+    assert (a, b, c) == (0, 10 * ALIGN, 20 * ALIGN)
+    assert arena.allocate(40 * ALIGN) is None  # 34 left
+    arena.release(b, 10 * ALIGN)
+    assert arena.allocate(5 * ALIGN) == b  # first fit, in the hole
+    arena.release(b, 5 * ALIGN)
+    arena.release(a, 10 * ALIGN)
+    arena.release(c, 10 * ALIGN)
+    assert arena._free == [(0, 64 * ALIGN)] and arena.free_bytes == 64 * ALIGN  # back to one run
+
+
+def test_transport_messages_and_blocks_round_trip() -> None:
+    import mmap
+
+    from nerserve.errors import Overloaded
+    from nerserve.transport import CANCEL, DONE, SUBMIT, Block, Submit, decode, encode_cancel, encode_done
+
+    submit = Submit(7, 3, 12, 4096, True)
+    assert decode(submit.encode()) == (SUBMIT, submit) and len(submit.encode()) == 26
+    assert decode(encode_cancel(7)) == (CANCEL, 7)
+    assert decode(encode_done(7, None)) == (DONE, (7, None)) and len(encode_done(7, None)) == 10
+    kind, (job, error) = decode(encode_done(8, Overloaded("queue full", headers={"Retry-After": "1"})))
+    assert (kind, job, error.status, error.message, error.headers) == (DONE, 8, 429, "queue full", {"Retry-After": "1"})
+    buffer = mmap.mmap(-1, 1 << 16)
+    written = Block.at(buffer, 128, 3, 12, 9, True)
+    written.lengths[:] = [5, 4, 3]
+    written.ids[:] = np.arange(12)
+    read = Block.at(buffer, 128, 3, 12, 9, True)  # the other side's views of the same bytes
+    assert [s.tolist() for s in read.sequences()] == [[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    assert read.scores.logits is not None and read.scores.logits.shape == (12, 9)
+    assert Block.size(3, 12, 9, True) <= 1 << 16
+
+
+def test_water_fill_gives_small_needs_all_and_splits_the_rest() -> None:
+    from nerserve.scheduler import water_fill
+
+    assert water_fill([10, 5000, 5000], 4096) == [10, 2043, 2043]
+    assert water_fill([100, 200], 4096) == [100, 200]
+    assert sum(water_fill([3000] * 7, 4096)) <= 4096
+
+
+def test_usable_cores_follow_the_container_quota(tmp_path) -> None:
+    import os
+
+    from nerserve.process import usable_cores
+
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")
+    assert usable_cores(quota) == min(2, len(os.sched_getaffinity(0)))
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == len(os.sched_getaffinity(0))

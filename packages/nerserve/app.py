@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -130,8 +131,9 @@ class Envelope:
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         self.metrics.requests.labels(route, str(status)).inc()
         log.info(
-            '{"request_id":"%s","method":"%s","path":"%s","status":%d,"ms":%.2f}',
+            '{"request_id":"%s","worker":%d,"method":"%s","path":"%s","status":%d,"ms":%.2f}',
             request_id,
+            os.getpid(),
             scope["method"],
             route,
             status,

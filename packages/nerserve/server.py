@@ -120,7 +120,7 @@ class Supervisor:
                     reports.clear()
                     continue
                 if kind == "failed":
-                    self._stop(engine, workers_first=False)
+                    self._stop(engine, drain=False)
                     return self._fail(f"cannot load the model: {detail}")
                 log.info(
                     "engine ready: %s %s, max_num_tokens %d, model %s",
@@ -131,7 +131,8 @@ class Supervisor:
                 )
             if engine.sentinel in ready:
                 engine.join()
-                self._stop(engine, workers_first=False)
+                log.error("the engine process exited (status %s): the workers answer 503, then stop", engine.exitcode)
+                self._stop(engine, drain=True)
                 return self._fail(f"the engine process exited (status {engine.exitcode})")
             for sentinel in [s for s in ready if s in self.workers]:
                 gone = self.workers.pop(sentinel)
@@ -142,17 +143,18 @@ class Supervisor:
 
     def _shutdown(self, engine: BaseProcess) -> int:
         log.info("draining: %d workers finish what they accepted, then the engine stops", len(self.workers))
-        self._stop(engine, workers_first=True)
+        self._stop(engine, drain=True)
         log.info("shutdown complete: every accepted request answered")
         return 0
 
-    def _stop(self, engine: BaseProcess, workers_first: bool) -> None:
-        """SIGTERM the workers (they drain) and wait for them, then the engine process; kill what outlives
-        the shutdown window. With `workers_first` False (a failure) nothing is left to drain."""
+    def _stop(self, engine: BaseProcess, drain: bool) -> None:
+        """Stop the workers, then the engine process, killing what outlives the shutdown window. With
+        `drain`, the workers get SIGTERM: 503 to new requests for `shutdown_grace_s`, then they finish what
+        they accepted; without (a model that never loaded: nothing was accepted) they are killed at once."""
         self.stopping = True
         deadline = time.monotonic() + self.settings.shutdown_timeout_s - ENGINE_STOP_S
         for process in self.workers.values():
-            _signal(process, signal.SIGTERM if workers_first else signal.SIGKILL)
+            _signal(process, signal.SIGTERM if drain else signal.SIGKILL)
         for process in self.workers.values():
             process.join(max(deadline - time.monotonic(), 0.1))
             if process.is_alive():
@@ -160,7 +162,7 @@ class Supervisor:
                 _signal(process, signal.SIGKILL)
                 process.join()
         _signal(engine, signal.SIGTERM)
-        engine.join(ENGINE_STOP_S if workers_first else 5.0)
+        engine.join(ENGINE_STOP_S)
         if engine.is_alive():
             _signal(engine, signal.SIGKILL)
             engine.join()
