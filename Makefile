@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 # Settings keep their short names here (`make serve CHECKPOINT=... ENGINE=torch`, from the command line
 # or the environment) and reach the server as NERSERVE_<NAME>, over config.yaml's model_metadata, where
@@ -49,8 +50,15 @@ test: lint
 stress: $(STAMP)
 	$(PY) -m pytest -q -m stress tests
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+# The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
+# capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py).
+bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/host.py
 
 # The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
 screenshot: $(STAMP)

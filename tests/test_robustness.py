@@ -39,7 +39,7 @@ def faulty(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(built):
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime"})
+    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
     process.wait_ready()
     yield process
     process.stop()
@@ -223,7 +223,7 @@ def test_backpressure_and_timeouts(built) -> None:
 
 def test_sigterm_under_load_loses_no_accepted_request(built) -> None:
     process = ServerProcess(
-        {"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "SHUTDOWN_GRACE_S": "1"}
+        {"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "SHUTDOWN_GRACE_S": "1", "WORKERS": "2"}
     )
     process.wait_ready()
     texts = corpus.texts()[:16]

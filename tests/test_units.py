@@ -31,8 +31,11 @@ def test_plan_batches_respects_budget_and_covers_everything(padded: bool) -> Non
             assert cost <= budget
             if padded:  # bounded padding: every member is long enough
                 assert lengths[batch].min() >= min_fill * lengths[batch].max()
-        firsts = [lengths[b].max() for b in batches]
-        assert firsts == sorted(firsts, reverse=True)  # longest first: little padding
+        if padded:
+            firsts = [lengths[b].max() for b in batches]
+            assert firsts == sorted(firsts, reverse=True)  # longest first: little padding
+        else:
+            assert seen.tolist() == list(range(len(lengths)))  # packed: in order, so requests finish in order
 
 
 def test_plan_batches_fills_the_budget() -> None:
@@ -120,7 +123,8 @@ def test_window_stride_fits_the_model() -> None:
 
 
 def test_a_gpu_that_pytorch_cannot_use_is_named() -> None:
-    from nerserve.engines import cuda_unusable_reason, nvidia_devices
+    from nerserve.engines import cuda_unusable_reason
+    from nerserve.process import nvidia_devices
 
     assert cuda_unusable_reason([], False, "2.13.0+cpu", None, None) is None  # no GPU: the CPU, by design
     assert cuda_unusable_reason(["nvidia0"], True, "2.13.0", "12.8", "NVRM 570.86") is None
@@ -199,6 +203,14 @@ def test_water_fill_gives_small_needs_all_and_splits_the_rest() -> None:
     assert water_fill([10, 5000, 5000], 4096) == [10, 2043, 2043]
     assert water_fill([100, 200], 4096) == [100, 200]
     assert sum(water_fill([3000] * 7, 4096)) <= 4096
+
+
+def test_workers_default_to_the_cores_only_beside_a_gpu(tmp_path) -> None:
+    from nerserve.process import default_workers
+
+    assert default_workers("auto", 16, ["nvidia0"]) == 16  # the host is the bound
+    assert default_workers("auto", 16, []) == 1  # the CPU engine needs every core
+    assert default_workers("onnxruntime", 16, ["nvidia0"]) == 1
 
 
 def test_usable_cores_follow_the_container_quota(tmp_path) -> None:

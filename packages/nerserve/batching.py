@@ -1,12 +1,12 @@
 """Token-budget batch planning: which sequences run together in one engine call.
 
-Sequences are taken longest-first, so neighbours have similar lengths and a padded batch wastes
-little; a batch closes when one more sequence would push its cost past `max_num_tokens` (cost is
-batch x longest for a padded engine, the sum of lengths for a packed one), and, for a padded
-engine, when the next sequence is shorter than `min_fill` x the batch's longest: padding is paid in
-full (attention is quadratic in it), and on ONNX Runtime/CPU bounding it at 10% ran CoNLL
+For a padded engine, sequences are taken longest-first, so neighbours have similar lengths and a batch
+wastes little; a batch closes when one more sequence would push its cost (batch x longest) past
+`max_num_tokens`, or when the next sequence is shorter than `min_fill` x the batch's longest: padding
+is paid in full (attention is quadratic in it), and on ONNX Runtime/CPU bounding it at 10% ran CoNLL
 sentences 3x faster than filling the budget (`bench/padding.py`: 2.4k -> 7.2k tokens/s, minilm,
-2 cores)."""
+2 cores). A packed engine pays only for real tokens, so its batches keep the order they are given
+(the scheduler's: oldest request first) and close at the budget: requests finish in order."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import numpy as np
 
 
 def plan_batches(lengths: np.ndarray, max_num_tokens: int, padded: bool, min_fill: float = 0.0) -> list[np.ndarray]:
-    """Indices into `lengths` for each batch, longest sequences first; every index appears once."""
+    """Indices into `lengths` for each batch (padded: longest sequences first; packed: in the given
+    order); every index appears once."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
         return []
     if int(lengths.max()) > max_num_tokens:
         raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds max_num_tokens={max_num_tokens}")
-    order = np.argsort(-lengths, kind="stable")
+    order = np.argsort(-lengths, kind="stable") if padded else np.arange(len(lengths))
     ordered = lengths[order]
     ends = np.cumsum(ordered)
     batches: list[np.ndarray] = []

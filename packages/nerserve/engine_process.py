@@ -22,13 +22,14 @@ import threading
 import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, Listener
-from typing import Any
 
 from .config import Settings
+from .engines import load_engine
 from .errors import ApiError
 from .metrics import Metrics
+from .process import settle_memory
 from .scheduler import Job
-from .service import NerService
+from .service import EngineLoader, NerService
 from .transport import CANCEL, SUBMIT, Block, Submit, decode, encode_done
 
 log = logging.getLogger("nerserve.engine")
@@ -116,7 +117,9 @@ class EngineHost:
         self.metrics.queue_depth.set(self.service.scheduler.depth)
 
 
-def run(settings: Settings, address: str, authkey: bytes, status: Connection) -> None:
+def run(
+    settings: Settings, address: str, authkey: bytes, status: Connection, engine_loader: EngineLoader = load_engine
+) -> None:
     """Entry point of the engine process (spawned by the supervisor)."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     listener = Listener(address, family="AF_UNIX", authkey=authkey)
@@ -125,20 +128,15 @@ def run(settings: Settings, address: str, authkey: bytes, status: Connection) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when the engine stops
     metrics = Metrics()
     try:
-        service = NerService(settings, observe_batch=metrics.observe_batch, observe_queue=metrics.observe_queue)
+        service = NerService(settings, metrics.observe_batch, metrics.observe_queue, engine_loader)
         service.warm_up()
     except Exception as error:  # one line for the supervisor; the traceback only at debug level
         log.debug("model failed to load", exc_info=True)
         status.send(("failed", f"{type(error).__name__}: {error}"))
         sys.exit(1)
     host = EngineHost(service, metrics)
+    settle_memory()
     status.send(("ready", service.info()))
-    log.info(
-        "ready: engine %s %s, max_num_tokens %d",
-        service.engine.name,
-        service.engine.precision,
-        service.engine.max_num_tokens,
-    )
     threading.Thread(target=_accept, args=(listener, host), name="nerserve-accept", daemon=True).start()
     while not stopping.wait(0.5):
         metrics.queue_depth.set(service.scheduler.depth)
@@ -155,8 +153,3 @@ def _accept(listener: Listener, host: EngineHost) -> None:
             time.sleep(0.01)
             continue
         threading.Thread(target=host.serve, args=(connection,), name="nerserve-worker-link", daemon=True).start()
-
-
-def engine_state(info: dict[str, Any]) -> dict[str, Any]:
-    """The part of the ready message a supervisor logs."""
-    return {key: info[key] for key in ("model_id", "engine", "precision", "max_num_tokens") if key in info}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import signal
@@ -33,11 +34,38 @@ def run_engine(*args: object) -> None:
 
 
 def run_worker(*args: object) -> None:
-    """A front-end worker's entry point; it never imports torch or transformers."""
+    """A front-end worker's entry point; it never imports torch or transformers. Its tokenizer runs on
+    one thread: the workers are the parallelism (a thread pool per worker would fight the others)."""
     die_with_parent()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from .worker import run
 
     run(*args)  # type: ignore[arg-type]
+
+
+def nvidia_devices(dev: Path = Path("/dev")) -> list[str]:
+    """The NVIDIA GPU device files of this machine (`/dev/nvidia0`, ...): what the container runtime
+    passes in for each GPU, whatever the CUDA libraries make of them."""
+    return sorted(path.name for path in dev.glob("nvidia[0-9]*"))
+
+
+def default_workers(engine: str, cores: int, gpus: list[str]) -> int:
+    """Front-end workers where the setting leaves it open: one per core when the engine runs on a GPU
+    (the host's work is then the bound), one when it runs on the CPU, where the model needs every core
+    (on 2 cores, a second worker beside ONNX Runtime cost a fifth of the sentences answered: 292 against
+    367 a second, `bench/host.py`'s real-engine rows)."""
+    on_gpu = bool(gpus) and engine != "onnxruntime"
+    return cores if on_gpu else 1
+
+
+def settle_memory() -> None:
+    """Once a process has loaded what it keeps (tokenizer, vocabulary, the web framework), move it out of
+    the cyclic garbage collector's sight and collect young objects less often: a request allocates
+    thousands of small objects, and each full collection otherwise walks every long-lived one too
+    (a third of a worker's time in a profile of the host-capacity bench)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

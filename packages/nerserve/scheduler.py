@@ -3,13 +3,19 @@ every request in flight, each request getting its share.
 
 A request arrives as a Job: its token sequences and the arrays its scores go into (plain numpy for a
 caller in this process, views into a front-end worker's shared memory in the engine process). The
-engine thread works in steps. A step gathers at most `max_num_tokens` real tokens across the active
-jobs by fair shares (water-filling: a job needing less than an equal share takes what it needs, the
-rest is split among the others; the job first in a rotating turn always gets at least one sequence,
-so no job waits for ever), plans them into batches with the engine's cost model, and runs the
-shortest batches first. A job that arrives while a step runs is in the next step: a one-sentence
-request waits for at most about one batch, never for every window of a long document that came
-first. Within a job, sequences go longest first, so a long job's batches stay even in length.
+engine thread works in steps:
+- a step gathers a pool of up to POOL_BATCHES budgets of real tokens across the active jobs, oldest
+  first, by fair shares (water-filling: a job needing less than an equal share takes what it needs,
+  the rest is split among the others; the oldest job always gets at least one sequence, so no job
+  waits for ever), and plans the pool into batches of at most `max_num_tokens` with the engine's cost
+  model (a pool of several batches lets a padded engine group sequences of even length; a packed
+  engine's batches keep the pool's order);
+- it runs first the batches that hold a request not started yet, then those of the oldest requests;
+- after each batch, if requests arrived meanwhile (and some earlier work has run in this step, so
+  older requests keep moving), the step ends: what it did not run goes back to its jobs, and the next
+  step's pool takes the newcomers in.
+So a one-sentence request waits for about one batch, never for every window of a long document that
+came first. Within a job, sequences go longest first, so a long job's batches stay even in length.
 
 The queue is bounded in sequences not yet run: a full queue refuses the whole job at once (429), so
 nothing is ever half done. A batch that raises fails only the jobs with a sequence in it; a
@@ -38,6 +44,10 @@ Done = Callable[[ApiError | None], None]
 BatchObserver = Callable[[int, int, int, float], None]
 
 
+#: a step's pool, in batch budgets: enough for a padded engine to group sequences of even length
+POOL_BATCHES = 16
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One request's sequences, where their scores go, and how far the engine has got with them."""
@@ -51,10 +61,9 @@ class Job:
     def __post_init__(self) -> None:
         self.lengths = np.fromiter((len(s) for s in self.sequences), dtype=np.int64, count=len(self.sequences))
         self.rows = np.concatenate([[0], np.cumsum(self.lengths)])  # first output row of each sequence
-        self.order = np.argsort(-self.lengths, kind="stable")  # longest first
-        self.cursor = 0  # sequences of `order` handed to a step so far
+        self.pending: list[int] = np.argsort(-self.lengths, kind="stable").tolist()  # not yet in a step: longest first
         self.unfinished = len(self.sequences)  # sequences whose scores are not written yet
-        self.remaining_tokens = int(self.lengths.sum())  # tokens not yet handed to a step
+        self.remaining_tokens = int(self.lengths.sum())  # tokens of `pending`
         self.started: float | None = None
         self.settled = False
 
@@ -68,15 +77,23 @@ class Job:
     def keep_logits(self) -> bool:
         return self.out.logits is not None
 
+    @property
+    def dropped(self) -> bool:
+        return self.cancelled or self.settled
+
     def next_length(self) -> int | None:
-        return int(self.lengths[self.order[self.cursor]]) if self.cursor < len(self.order) else None
+        return int(self.lengths[self.pending[0]]) if self.pending else None
 
     def take(self) -> int:
         """Hand the next sequence to a step; its index."""
-        index = int(self.order[self.cursor])
-        self.cursor += 1
+        index = self.pending.pop(0)
         self.remaining_tokens -= int(self.lengths[index])
         return index
+
+    def give_back(self, indices: list[int]) -> None:
+        """Sequences a step did not run: pending again, in their place (longest first)."""
+        self.pending = sorted(self.pending + indices, key=lambda i: -int(self.lengths[i]))
+        self.remaining_tokens += int(self.lengths[indices].sum())
 
 
 def water_fill(needs: list[int], budget: int) -> list[int]:
@@ -109,8 +126,7 @@ class Scheduler:
         self._observe_queue = observe_queue or (lambda seconds: None)
         self._arrived: list[Job] = []
         self._active: list[Job] = []
-        self._queued_sequences = 0  # sequences submitted and not yet handed to a step
-        self._turn = 0
+        self._queued_sequences = 0  # sequences submitted whose batch has not run
         self._lock = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="nerserve-engine", daemon=True)
@@ -159,17 +175,17 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             dropped: list[Job] = []
-            step = self._next_step(dropped)
+            pool = self._next_pool(dropped)
             for job in dropped:
                 job.settle(Cancelled("cancelled"))
-            if step is None:
+            if pool is None:
                 return
-            if step:
-                self._run(step)
+            if pool:
+                self._run(pool)
 
-    def _next_step(self, dropped: list[Job]) -> list[tuple[Job, int]] | None:
-        """Wait for work; admit arrivals; drop cancelled jobs (into `dropped`, settled by the caller outside
-        the lock); pick the step's sequences (None: closed and nothing left)."""
+    def _next_pool(self, dropped: list[Job]) -> list[tuple[Job, int]] | None:
+        """Wait for work; admit arrivals; drop cancelled and failed jobs (into `dropped`, settled by the
+        caller outside the lock); pick the step's pool (None: closed and nothing left)."""
         with self._lock:
             while not self._arrived and not self._active and not self._closing:
                 self._lock.wait()
@@ -183,29 +199,25 @@ class Scheduler:
                     self._lock.wait(left)
             self._active.extend(self._arrived)
             self._arrived.clear()
-            dropped.extend(job for job in self._active if job.cancelled or job.settled)
+            dropped.extend(job for job in self._active if job.dropped)
             for job in dropped:
                 self._active.remove(job)
-                self._queued_sequences -= len(job.sequences) - job.cursor
+                self._queued_sequences -= job.unfinished
             if not self._active:
                 return None if self._closing else []
-            step = self._select()
-            self._queued_sequences -= len(step)
-            return step
+            return self._select(POOL_BATCHES * self.max_num_tokens)
 
-    def _select(self) -> list[tuple[Job, int]]:
-        """Up to `max_num_tokens` real tokens of (job, sequence index) by fair shares (module docstring)."""
-        waiting = [job for job in self._active if job.next_length() is not None]
+    def _select(self, budget: int) -> list[tuple[Job, int]]:
+        """Up to `budget` real tokens of (job, sequence index) by fair shares (module docstring)."""
+        waiting = [job for job in self._active if job.pending]  # oldest first
         if not waiting:
             return []
-        self._turn = (self._turn + 1) % len(waiting)
-        waiting = waiting[self._turn :] + waiting[: self._turn]
-        shares = water_fill([job.remaining_tokens for job in waiting], self.max_num_tokens)
-        left, picks = self.max_num_tokens, list[tuple[Job, int]]()
+        shares = water_fill([job.remaining_tokens for job in waiting], budget)
+        left, picks = budget, list[tuple[Job, int]]()
         for fill_up in (False, True):  # fair shares first, then what they left to whoever can use it
             for position, job in enumerate(waiting):
                 cap, taken = (left if fill_up else shares[position]), 0
-                while (length := job.next_length()) is not None and length <= left:
+                while (length := job.next_length()) is not None and length <= min(left, self.max_num_tokens):
                     if taken + length > cap and (fill_up or picks or position):
                         break
                     picks.append((job, job.take()))
@@ -213,45 +225,70 @@ class Scheduler:
                     left -= length
         return picks
 
-    def _run(self, step: list[tuple[Job, int]]) -> None:
-        lengths = np.fromiter((job.lengths[i] for job, i in step), dtype=np.int64, count=len(step))
-        batches = self.engine.plan(lengths, self.max_num_tokens)
-        for batch in reversed(batches):  # shortest first: a short request's batch does not wait behind long ones
-            live = [(job, i) for job, i in (step[k] for k in batch.tolist()) if not (job.cancelled or job.settled)]
-            if not live:
-                continue
-            started = time.perf_counter()
-            for job, _ in live:
-                if job.started is None:
-                    job.started = started
-                    self._observe_queue(started - job.arrived)
-            try:
-                scores = self.engine.classify(
-                    [job.sequences[i] for job, i in live], any(j.keep_logits for j, _ in live)
+    def _run(self, pool: list[tuple[Job, int]]) -> None:
+        """Run the pool's batches, newcomers first; end the step early when requests arrive (module docstring)."""
+        lengths = np.fromiter((job.lengths[i] for job, i in pool), dtype=np.int64, count=len(pool))
+        batches = [[pool[k] for k in batch.tolist()] for batch in self.engine.plan(lengths, self.max_num_tokens)]
+        # Newcomers' batches first, then the oldest request's: requests finish about in the order they came.
+        batches.sort(
+            key=lambda batch: (all(job.started is not None for job, _ in batch), min(j.arrived for j, _ in batch))
+        )
+        ran_earlier_work = False
+        for position, batch in enumerate(batches):
+            earlier_work = any(job.started is not None for job, _ in batch)
+            self._run_batch(batch)
+            ran_earlier_work |= earlier_work
+            if (
+                position + 1 < len(batches)
+                and self._arrived
+                and (
+                    ran_earlier_work
+                    or not any(job.started is not None for later in batches[position + 1 :] for job, _ in later)
                 )
-            except Exception as error:  # an engine fault fails this batch's requests only
-                log.warning("engine failure on a batch of %d sequences: %s: %s", len(live), type(error).__name__, error)
-                self._fail({job for job, _ in live}, Backend(f"engine failure: {type(error).__name__}: {error}"))
-                continue
-            seconds = time.perf_counter() - started
-            real = int(sum(len(job.sequences[i]) for job, i in live))
-            padded = len(live) * max(len(job.sequences[i]) for job, i in live) if self.engine.padded else real
-            self._observe_batch(len(live), real, padded, seconds)
-            row = 0
-            for job, i in live:
-                length = int(job.lengths[i])
-                job.out.put(slice(int(job.rows[i]), int(job.rows[i]) + length), scores.take(slice(row, row + length)))
-                row += length
-                self._finish_one(job)
+            ):
+                for job, index in (member for later in batches[position + 1 :] for member in later):
+                    job.give_back([index])
+                return
 
-    def _finish_one(self, job: Job) -> None:
-        job.unfinished -= 1
-        if job.unfinished == 0:
+    def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
+        live = [(job, i) for job, i in batch if not job.dropped]
+        if not live:
+            return
+        started = time.perf_counter()
+        for job, _ in live:
+            if job.started is None:
+                job.started = started
+                self._observe_queue(started - job.arrived)
+        try:
+            scores = self.engine.classify([job.sequences[i] for job, i in live], any(j.keep_logits for j, _ in live))
+        except Exception as error:  # an engine fault fails this batch's requests only
+            log.warning("engine failure on a batch of %d sequences: %s: %s", len(live), type(error).__name__, error)
+            failure = Backend(f"engine failure: {type(error).__name__}: {error}")
+            self._ran(live)
+            for job in {job for job, _ in live}:
+                job.settle(failure)
+            return
+        seconds = time.perf_counter() - started
+        real = int(sum(len(job.sequences[i]) for job, i in live))
+        padded = len(live) * max(len(job.sequences[i]) for job, i in live) if self.engine.padded else real
+        self._observe_batch(len(live), real, padded, seconds)
+        row = 0
+        for job, i in live:
+            length = int(job.lengths[i])
+            job.out.put(slice(int(job.rows[i]), int(job.rows[i]) + length), scores.take(slice(row, row + length)))
+            row += length
+        for job in self._ran(live):
             with self._lock:
                 self._active.remove(job)
             job.settle(None)
 
-    def _fail(self, jobs: set[Job], error: ApiError) -> None:
-        """Fail whole jobs: the rest of their sequences are dropped at the next step (settled jobs are)."""
-        for job in jobs:
-            job.settle(error)
+    def _ran(self, live: list[tuple[Job, int]]) -> list[Job]:
+        """Count the batch's sequences as run; the jobs it finished."""
+        with self._lock:
+            self._queued_sequences -= len(live)
+        finished = []
+        for job, _ in live:
+            job.unfinished -= 1
+            if job.unfinished == 0:
+                finished.append(job)
+        return finished

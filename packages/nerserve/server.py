@@ -31,11 +31,14 @@ import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, config_path, read_config
 from .metrics import MULTIPROC_DIR, process_gone
-from .process import ENGINE_STOP_S, run_engine, run_worker, usable_cores
+from .process import ENGINE_STOP_S, default_workers, nvidia_devices, run_engine, run_worker, usable_cores
+
+if TYPE_CHECKING:  # the supervisor never imports the model stack itself
+    from .service import EngineLoader
 
 log = logging.getLogger("nerserve")
 
@@ -43,9 +46,12 @@ log = logging.getLogger("nerserve")
 class Supervisor:
     """Starts, watches and stops the engine process and the workers."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engine_loader: EngineLoader | None = None) -> None:
+        """`engine_loader`, where given, is how the engine process makes its engine (a module-level
+        function, as the spawned process imports it by name); by default the runtime the settings choose."""
         self.settings = settings
-        self.workers_wanted = settings.workers or usable_cores()
+        self.engine_loader = engine_loader
+        self.workers_wanted = settings.workers or default_workers(settings.engine, usable_cores(), nvidia_devices())
         self.spawn = multiprocessing.get_context("spawn")
         self.folder = Path(tempfile.mkdtemp(prefix="nerserve-"))
         self.address = str(self.folder / "engine.sock")
@@ -67,7 +73,7 @@ class Supervisor:
         status_read, status_write = self.spawn.Pipe(duplex=False)
         engine = self.spawn.Process(
             target=run_engine,
-            args=(self.settings, self.address, self.authkey, status_write),
+            args=(self.settings, self.address, self.authkey, status_write, *filter(None, [self.engine_loader])),
             name="nerserve-engine",
         )
         engine.start()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
 
 from . import __version__
 from .checkpoint import Checkpoint, load_checkpoint
@@ -22,6 +22,8 @@ from .scores import TokenScores
 from .tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
+#: settings and checkpoint -> the engine to serve with (its `max_num_tokens` set)
+EngineLoader = Callable[[Settings, Checkpoint], Engine]
 
 
 def service_info(settings: Settings, checkpoint: Checkpoint, tokenizer: TextTokenizer, engine: Engine) -> dict:
@@ -49,15 +51,18 @@ class NerService:
         self,
         settings: Settings,
         observe_batch: BatchObserver | None = None,
-        observe_queue: Any = None,
+        observe_queue: Callable[[float], None] | None = None,
+        engine_loader: EngineLoader = load_engine,
     ) -> None:
+        """`engine_loader` makes the engine (`load_engine`: the runtime the settings choose); the bench
+        gives its own to measure everything but the model."""
         self.settings = settings
         self.checkpoint: Checkpoint = load_checkpoint(
             settings.checkpoint, settings.revision, settings.hf_token, settings.mounts
         )
         tokenizer = TextTokenizer(self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride)
         self.frontend = Frontend(tokenizer, self.checkpoint.labels)
-        self.engine = load_engine(settings, self.checkpoint)
+        self.engine = engine_loader(settings, self.checkpoint)
         self.scheduler = Scheduler(
             self.engine, settings.batch_wait_ms, settings.queue_size, observe_batch, observe_queue
         )

@@ -23,7 +23,7 @@ from .config import Settings
 from .engine_client import EngineClient, Setup
 from .frontend import WARMUP, Frontend
 from .metrics import Metrics
-from .process import ENGINE_STOP_S
+from .process import ENGINE_STOP_S, settle_memory
 from .schemas import PredictRequest
 
 log = logging.getLogger("nerserve.worker")
@@ -76,6 +76,7 @@ async def _warm_up(state: WorkerState, setup: Setup) -> None:
         log.error("%s", state.failure)
         return
     state.info, state.frontend = setup.info, frontend
+    settle_memory()
 
 
 def draining_server(config, on_drain: Callable[[], None], grace_s: float):  # noqa: ANN001, ANN201 - uvicorn types

@@ -13,15 +13,10 @@ from pathlib import Path
 from ..checkpoint import Checkpoint
 from ..config import Settings
 from ..manifest import EngineArtefact, load_engine_dir
+from ..process import nvidia_devices
 from .base import Engine
 
 log = logging.getLogger(__name__)
-
-
-def nvidia_devices(dev: Path = Path("/dev")) -> list[str]:
-    """The NVIDIA GPU device files of this machine (`/dev/nvidia0`, ...): what the container runtime
-    passes in for each GPU, whatever the CUDA libraries make of them."""
-    return sorted(path.name for path in dev.glob("nvidia[0-9]*"))
 
 
 def nvidia_driver(proc: Path = Path("/proc/driver/nvidia/version")) -> str | None:
