@@ -7,27 +7,24 @@ random weights built on the spot), on the machine this runs on:
   and the HTTP bench's paragraph requests (8 per call, batch_size=8), which the paragraph row is
   also compared with;
 - engine: the engine `engine: auto` picks (ONNX Runtime on CPU, packed PyTorch on CUDA) on
-  pre-tokenized CoNLL dev sentences in token-budget batches (max_num_tokens 16384), logits to host;
-- host: tokenization + aggregation ("simple") + orjson encoding, without the engine (logits precomputed);
-- http: `python -m nerserve.server` over localhost HTTP, concurrent clients (client processes x
-  in-flight requests), requests of 64 sentences or 8 paragraphs (200-400 tokens, joined sentences);
-  single-sentence latency from sequential one-sentence requests (client-side round trip).
+  pre-tokenized CoNLL dev sentences in token-budget batches (its default budget), logits to host;
+- host: tokenization + aggregation ("simple") + orjson encoding, without the engine (scores precomputed);
+- http: `python -m nerserve.server` (its default processes) over localhost HTTP, a closed-loop client
+  keeping `--connections` requests in flight (bench/load.py), requests of 64 sentences or 8 paragraphs
+  (200-400 tokens, joined sentences); single-sentence latency from sequential one-sentence requests.
 Tokens are model tokens with [CLS]/[SEP]. Ratios are to the pipeline's b64 tokens/s (b1 for latency).
-Prints a table
-writes JSON to bench/results/<date>-<machine>.json (or --out).
+Prints a table and writes JSON to bench/results/<date>-<machine>.json (or --out). bench/host.py adds the
+rows of the server's processes (host capacity by worker count, the single-process baseline, mixed load).
 
 `--check` (GPU) first proves the packed half-precision engine against float32 on CoNLL dev."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
-import multiprocessing as mp
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +36,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "bench")]
+import httpx  # noqa: E402
+import load  # noqa: E402 - bench/load.py, on the path above
+import orjson  # noqa: E402
+
 from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
+from nerserve.scores import TokenScores  # noqa: E402
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -226,15 +228,18 @@ def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens:
     }
 
 
-def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> dict:
-    """Tokenize 64 texts per call (the Rust tokenizer spreads a batch over the cores), aggregate, encode."""
-    import orjson
+def bench_host(service, sents: list[str], scores_of: dict, seconds: float) -> dict:
+    """A worker's work on 64 texts per request, without the engine: validation, tokenization,
+    aggregation of the engine's scores (recorded before), JSON encoding."""
+    from nerserve.schemas import parse_request
+    from nerserve.scores import TokenScores
 
     def step(chunk):
-        windows = service.tokenizer.encode(chunk, False)
-        out = service.aggregator.grouped(chunk, windows, [x for t in chunk for x in logits_of[t]], "simple")
-        orjson.dumps(out)
-        return sum(len(x.ids) for w in windows for x in w)
+        prepared = service.frontend.prepare(parse_request({"inputs": chunk, "aggregation_strategy": "simple"}, 1024))
+        parts = [scores_of[t] for t in chunk]
+        scores = TokenScores(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]), None)
+        orjson.dumps(service.frontend.answer(prepared, scores))
+        return prepared.tokens
 
     chunks = [sents[i : i + 64] for i in range(0, len(sents), 64)]
     step(chunks[0])
@@ -249,133 +254,50 @@ def bench_host(service, sents: list[str], logits_of: dict, seconds: float) -> di
     return {"texts_s": texts / el, "tokens_s": tokens / el}
 
 
-def _client_proc(port: int, payloads: list, seconds: float, inflight: int, queue) -> None:
-    import httpx
-
-    async def main():
-        stats = {"texts": 0, "tokens": 0, "errors": 0, "lat": [], "t0": time.time()}
-        deadline = time.perf_counter() + seconds
-        limits = httpx.Limits(max_connections=inflight, max_keepalive_connections=inflight)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
-
-            async def worker(k):
-                i = k
-                while time.perf_counter() < deadline:
-                    body, texts, tokens = payloads[i % len(payloads)]
-                    i += inflight
-                    t0 = time.perf_counter()
-                    r = await client.post("/predict_tokens", content=body, headers={"content-type": "application/json"})
-                    stats["lat"].append(time.perf_counter() - t0)
-                    if r.status_code == 200:
-                        stats["texts"] += texts
-                        stats["tokens"] += tokens
-                    else:
-                        stats["errors"] += 1
-
-            await asyncio.gather(*(worker(k) for k in range(inflight)))
-        stats["t1"] = time.time()  # the last answer: requests still in flight at the deadline count
-        return stats
-
-    try:
-        queue.put(asyncio.run(main()))
-    except Exception as error:  # noqa: BLE001 - the parent must not wait forever on a dead client
-        queue.put({"texts": 0, "tokens": 0, "errors": 1, "lat": [], "failure": f"{type(error).__name__}: {error}"})
-
-
-def http_load(port: int, payloads: list, seconds: float, procs: int, inflight: int) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    workers = [
-        ctx.Process(target=_client_proc, args=(port, payloads[k::procs] or payloads, seconds, inflight, queue))
-        for k in range(procs)
-    ]
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    results = [queue.get() for _ in workers]
-    el = time.perf_counter() - start - 0.0
-    for w in workers:
-        w.join()
-    el = max(r["t1"] for r in results) - min(r["t0"] for r in results)  # client spawn excluded
-    failures = [r["failure"] for r in results if "failure" in r]
-    if failures:
-        raise RuntimeError("client failed: " + failures[0])
-    lat = [x for r in results for x in r["lat"]]
-    return {
-        "texts_s": sum(r["texts"] for r in results) / el,
-        "tokens_s": sum(r["tokens"] for r in results) / el,
-        "errors": sum(r["errors"] for r in results),
-        "req_p50_ms": pct(lat, 50) * 1e3,
-        "req_p99_ms": pct(lat, 99) * 1e3,
-        "clients": f"{procs}x{inflight}",
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_http(
     path: Path,
     sents: list[str],
     paras: list[str],
     ntok: dict,
     seconds: float,
-    procs: int,
-    inflight: int,
+    connections: int,
     engine: str,
     engine_dir: Path | None = None,
 ) -> dict:
-    import httpx
-    import orjson
-
-    port = free_port()
-    env = dict(
-        os.environ,
-        CHECKPOINT=str(path),
-        PORT=str(port),
-        ENGINE=engine,
-        LOG_LEVEL="WARNING",
-        NERSERVE_CONFIG=str(ROOT / "config.yaml"),
-        ENGINE_DIR=str(engine_dir or ""),
-        PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    log_path = Path(tempfile.mkstemp(prefix="nerbench-server-", suffix=".log")[1])
-    with open(log_path, "w") as log_file:  # the server keeps its own copy of the descriptor
-        server = subprocess.Popen(
-            [sys.executable, "-m", "nerserve.server"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_file
-        )
+    """`python -m nerserve.server` (its default workers) under closed-loop load: 64-sentence and 8-paragraph
+    requests, then one sentence at a time (server-side time from x-total-time-ms)."""
+    settings = {"checkpoint": str(path), "engine": engine, **({"engine_dir": str(engine_dir)} if engine_dir else {})}
+    server = load.start([sys.executable, "-m", "nerserve.server"], load.server_env(**settings))
     try:
-        deadline = time.time() + 900
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError("server exited: " + log_path.read_text()[-2000:])
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server not healthy in 900 s")
-            time.sleep(0.5)
-        info = httpx.get(f"http://127.0.0.1:{port}/info").json()
+        info = httpx.get(server.url + "/info").json()
 
-        def payloads(texts, per):
+        def bodies(texts, per):
             return [
                 (
-                    orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"}),
-                    len(chunk),
+                    load.request_bytes(
+                        "/predict_tokens", orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"})
+                    ),
                     sum(ntok[t] for t in chunk),
                 )
                 for chunk in requests_of(texts, per)
             ]
 
-        res = {"engine": info.get("engine"), "precision": info.get("precision")}
-        res["sentences"] = http_load(port, payloads(sents, 64), seconds, procs, inflight)
-        res["paragraphs"] = http_load(port, payloads(paras, 8), seconds, procs, inflight)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        res = {
+            "engine": info.get("engine"),
+            "precision": info.get("precision"),
+            "max_num_tokens": info.get("max_num_tokens"),
+        }
+        for name, texts, per in (("sentences", sents, 64), ("paragraphs", paras, 8)):
+            result = load.closed_loop(server.port, bodies(texts, per), connections, seconds)
+            res[name] = {
+                "tokens_s": result["tokens_s"],
+                "texts_s": result["requests_s"] * per,
+                "req_p50_ms": result["p50_ms"],
+                "req_p99_ms": result["p99_ms"],
+                "clients": f"{connections} connections",
+                "statuses": result["statuses"],
+            }
+        with httpx.Client(base_url=server.url, timeout=60) as client:
             one = [orjson.dumps({"inputs": [s], "aggregation_strategy": "simple"}) for s in sents[:500]]
             for b in one[:20]:
                 client.post("/predict_tokens", content=b, headers={"content-type": "application/json"})
@@ -395,11 +317,7 @@ def bench_http(
         }
         return res
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server.stop()
 
 
 # ---- per model ----------------------------------------------------------------------------------------
@@ -454,14 +372,15 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
         graph = json.loads((engine_dir / "manifest.json").read_text())["parity"]["int8"]
         res["conll_f1"] = {k: graph[k] for k in ("f1_fp32", "f1_int8", "f1_sentences") if k in graph}
     print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
-    res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, args.max_num_tokens)
+    budget = args.max_num_tokens or service.engine.max_num_tokens
+    res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, budget)
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
-    logits = run_batched(service.engine, seqs, args.max_num_tokens)
-    cursor, logits_of = 0, {}
+    logits = run_batched(service.engine, seqs, budget)
+    cursor, scores_of = 0, {}
     for t, w in zip(sents, windows, strict=True):
-        logits_of[t] = logits[cursor : cursor + len(w)]
+        scores_of[t] = TokenScores.of_logits(np.concatenate(logits[cursor : cursor + len(w)]), keep_logits=False)
         cursor += len(w)
-    res["host"] = bench_host(service, sents, logits_of, args.seconds)
+    res["host"] = bench_host(service, sents, scores_of, args.seconds)
     print(f"[{label}] host path: {res['host']}", flush=True)
     service.close()
     del service
@@ -473,9 +392,7 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     print(f"[{label}] pipeline: b1 {res['pipeline_b1']} b64 {res['pipeline_b64']}", flush=True)
     if not args.no_http:
         try:
-            res["http"] = bench_http(
-                path, sents, paras, ntok, args.seconds, args.client_procs, args.inflight, args.engine, engine_dir
-            )
+            res["http"] = bench_http(path, sents, paras, ntok, args.seconds, args.connections, args.engine, engine_dir)
             print(f"[{label}] http: {res['http']}", flush=True)
         except Exception as error:  # noqa: BLE001 - report, keep the other figures
             res["http_error"] = f"{type(error).__name__}: {error}"
@@ -558,11 +475,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL)
     parser.add_argument("--engine", default="auto")
-    parser.add_argument("--max-num-tokens", type=int, default=16384)
+    parser.add_argument("--max-num-tokens", type=int, default=None, help="engine batch budget (default: its own)")
     parser.add_argument("--sentences", type=int, default=None, help="dev sentences used (default all)")
     parser.add_argument("--no-http", action="store_true")
-    parser.add_argument("--client-procs", type=int, default=None)
-    parser.add_argument("--inflight", type=int, default=None)
+    parser.add_argument("--connections", type=int, default=None, help="HTTP requests in flight (default 16; 64 on GPU)")
     parser.add_argument("--check", action="store_true", help="packed-engine correctness first (CUDA)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the BERT-base checkpoint is built")
     parser.add_argument("--out", type=Path, default=None)
@@ -571,9 +487,7 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
-    cores = os.cpu_count() or 2
-    args.client_procs = args.client_procs or (max(1, min(8, cores // 2)) if device == "cuda" else 1)
-    args.inflight = args.inflight or (8 if device == "cuda" else 4)
+    args.connections = args.connections or (64 if device == "cuda" else 16)
     texts, words, tags = conll_sentences(args.conll)
     n = args.sentences or (1000 if args.quick else len(texts))
     sents = texts[:n]
