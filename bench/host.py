@@ -79,15 +79,19 @@ def mixed(server, sentence_requests, document_requests, seconds: float, has_metr
     foreground = closed_loop(server.port, sentence_requests, 1, seconds)
     thread.join()
     after = engine_batch_seconds(server) if has_metrics else (0.0, 0.0)
-    batches = after[1] - before[1]
+    sentences = sum(foreground["statuses"].values())
+    # The documents' batches: the engine's time less the sentences' own batches (one each, at most their
+    # time alone), over the batches that were not theirs.
+    document_batches = after[1] - before[1] - sentences
+    document_seconds = after[0] - before[0] - sentences * alone["p50_ms"] / 1e3
     return {
         "sentence_alone_p50_ms": alone["p50_ms"],
         "sentence_p50_ms": foreground["p50_ms"],
         "sentence_p99_ms": foreground["p99_ms"],
-        "sentences": sum(foreground["statuses"].values()),
+        "sentences": sentences,
         "documents": sum(background["statuses"].values()),
         "document_p50_ms": background["p50_ms"],
-        "engine_batch_mean_ms": 1e3 * (after[0] - before[0]) / batches if batches else None,
+        "document_batch_ms": 1e3 * document_seconds / document_batches if has_metrics and document_batches else None,
     }
 
 
@@ -131,12 +135,12 @@ def table(results: dict) -> str:
         )
     lines += [
         "",
-        "| mixed load | sentence alone p50 ms | sentence p50 ms | sentence p99 ms | engine batch mean ms "
+        "| mixed load | sentence alone p50 ms | sentence p50 ms | sentence p99 ms | one document batch ms "
         "| sentences | documents (p50 ms) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results["mixed"].items():
-        batch = f"{r['engine_batch_mean_ms']:.0f}" if r["engine_batch_mean_ms"] is not None else "n/a"
+        batch = f"{r['document_batch_ms']:.0f}" if r["document_batch_ms"] is not None else "n/a"
         lines.append(
             f"| {name} | {r['sentence_alone_p50_ms']:.1f} | {r['sentence_p50_ms']:.1f} | "
             f"{r['sentence_p99_ms']:.1f} | {batch} | {r['sentences']} | {r['documents']} "

@@ -50,7 +50,7 @@ class ReplayEngine(Engine):
         self.precision = precision
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact=None) -> ReplayEngine:  # noqa: ANN001
+    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: object = None) -> ReplayEngine:
         table = pickle.loads(Path(os.environ[REPLAY_FILE]).read_bytes())
         return cls(table, precision or "fp32")
 

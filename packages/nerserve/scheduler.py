@@ -10,12 +10,14 @@ engine thread works in steps:
   waits for ever), and plans the pool into batches of at most `max_num_tokens` with the engine's cost
   model (a pool of several batches lets a padded engine group sequences of even length; a packed
   engine's batches keep the pool's order);
-- it runs first the batches that hold a request not started yet, then those of the oldest requests;
-- after each batch, if requests arrived meanwhile (and some earlier work has run in this step, so
-  older requests keep moving), the step ends: what it did not run goes back to its jobs, and the next
-  step's pool takes the newcomers in.
+- it runs first the batches of the requests with the least left to do (a sentence before a document,
+  whether it came first or not), except that the oldest request goes first in a step when the
+  previous step ended before its batch ran (so it keeps moving: nothing starves);
+- after each batch, if requests arrived meanwhile, the step ends: what it did not run goes back to
+  its jobs, and the next step's pool takes the newcomers in.
 So a one-sentence request waits for about one batch, never for every window of a long document that
-came first. Within a job, sequences go longest first, so a long job's batches stay even in length.
+came first, nor for a long document that came just before it. Within a job, sequences go longest
+first, so a long job's batches stay even in length.
 
 The queue is bounded in sequences not yet run: a full queue refuses the whole job at once (429), so
 nothing is ever half done. A batch that raises fails only the jobs with a sequence in it; a
@@ -127,6 +129,7 @@ class Scheduler:
         self._arrived: list[Job] = []
         self._active: list[Job] = []
         self._queued_sequences = 0  # sequences submitted whose batch has not run
+        self._passed_over: Job | None = None  # the oldest request, when the last step ended before its batch
         self._lock = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="nerserve-engine", daemon=True)
@@ -226,29 +229,28 @@ class Scheduler:
         return picks
 
     def _run(self, pool: list[tuple[Job, int]]) -> None:
-        """Run the pool's batches, newcomers first; end the step early when requests arrive (module docstring)."""
+        """Run the pool's batches, those of the requests with the least left to do first (the oldest
+        request's first when a step passed it over); end the step early when requests arrive."""
         lengths = np.fromiter((job.lengths[i] for job, i in pool), dtype=np.int64, count=len(pool))
         batches = [[pool[k] for k in batch.tolist()] for batch in self.engine.plan(lengths, self.max_num_tokens)]
-        # Newcomers' batches first, then the oldest request's: requests finish about in the order they came.
-        batches.sort(
-            key=lambda batch: (all(job.started is not None for job, _ in batch), min(j.arrived for j, _ in batch))
-        )
-        ran_earlier_work = False
+        left = {job: job.remaining_tokens for job, _ in pool}  # tokens not in this pool, then those in it
+        for job, index in pool:
+            left[job] += int(job.lengths[index])
+        oldest = min(left, key=lambda job: job.arrived)
+        batches.sort(key=lambda batch: min(left[job] for job, _ in batch))
+        if oldest is self._passed_over:  # the last step ended before a batch of the oldest request: one goes first
+            first = next(k for k, batch in enumerate(batches) if any(job is oldest for job, _ in batch))
+            batches.insert(0, batches.pop(first))
+        oldest_ran = False
         for position, batch in enumerate(batches):
-            earlier_work = any(job.started is not None for job, _ in batch)
             self._run_batch(batch)
-            ran_earlier_work |= earlier_work
-            if (
-                position + 1 < len(batches)
-                and self._arrived
-                and (
-                    ran_earlier_work
-                    or not any(job.started is not None for later in batches[position + 1 :] for job, _ in later)
-                )
-            ):
-                for job, index in (member for later in batches[position + 1 :] for member in later):
+            oldest_ran = oldest_ran or any(job is oldest for job, _ in batch)
+            later = batches[position + 1 :]
+            if later and self._arrived:
+                for job, index in (member for b in later for member in b):
                     job.give_back([index])
-                return
+                break
+        self._passed_over = None if oldest_ran else oldest
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         live = [(job, i) for job, i in batch if not job.dropped]

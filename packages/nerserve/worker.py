@@ -15,7 +15,9 @@ import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
+from types import FrameType
 
+import uvicorn
 from fastapi import FastAPI
 
 from .app import WorkerState, create_app
@@ -31,8 +33,6 @@ log = logging.getLogger("nerserve.worker")
 
 def run(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
     """Entry point of a worker process (spawned by the supervisor)."""
-    import uvicorn
-
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
     state = WorkerState(EngineClient(address, authkey))
     app = create_app(settings, state, Metrics())
@@ -79,16 +79,15 @@ async def _warm_up(state: WorkerState, setup: Setup) -> None:
     settle_memory()
 
 
-def draining_server(config, on_drain: Callable[[], None], grace_s: float):  # noqa: ANN001, ANN201 - uvicorn types
+def draining_server(config: uvicorn.Config, on_drain: Callable[[], None], grace_s: float) -> uvicorn.Server:
     """uvicorn's Server with a drain phase: the first SIGTERM/SIGINT flips /health and new requests to 503
     (load balancers stop routing, clients get an answer instead of a reset), keeps the port open for
     `grace_s` while accepted requests finish, then shuts down as uvicorn does; a second signal is at once."""
-    import uvicorn
 
     class _Server(uvicorn.Server):
         draining = False
 
-        def handle_exit(self, sig, frame) -> None:  # noqa: ANN001 - uvicorn's signature
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.draining or grace_s <= 0:
                 return super().handle_exit(sig, frame)
             self.draining = True
