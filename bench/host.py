@@ -171,7 +171,8 @@ def chart(results: dict, path: Path) -> None:
             [1], [r["result"]["tokens_s"]], marker="x", s=60, label=f"single process (before), {r['requests']}"
         )
     axis.set_xlabel("front-end worker processes")
-    axis.set_ylabel("tokens/s over HTTP")
+    axis.set_ylabel("tokens/s over HTTP (log scale)")
+    axis.set_yscale("log")
     axis.set_xticks(sorted({r["workers"] for r in results["rows"]}))
     axis.set_title(f"{results['model']} on {results['machine']['cpu']} x{results['machine']['cores']}", fontsize=9)
     axis.grid(alpha=0.3)
@@ -190,7 +191,11 @@ def main() -> None:
     parser.add_argument("--baseline", default=SINGLE_PROCESS_COMMIT, help="commit of the single-process server")
     parser.add_argument("--quick", action="store_true", help="3 s per measurement, 800 sentences")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--chart", type=Path, default=None, help="only redraw the chart of a results JSON")
     args = parser.parse_args()
+    if args.chart:
+        chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
+        return
     if args.quick:
         args.seconds, args.sentences = 3.0, 800
     from nerserve.config import Settings

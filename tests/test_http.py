@@ -97,7 +97,7 @@ def test_none_keeps_special_tokens_and_raw_scores_gives_every_label(server) -> N
 def test_info_metrics_openapi(server) -> None:
     info = httpx.get(server.url + "/info", headers=AUTH).json()
     assert info["engine"] == "onnxruntime" and info["max_input_tokens"] == 512 and len(info["labels"]) == 9
-    assert info["window_stride"] == 128 and info["max_num_tokens"] == 4096 and info["version"]  # ORT's default
+    assert info["window_stride"] == 128 and info["max_num_tokens"] == 1024 and info["version"]  # ORT's default
     metrics = httpx.get(server.url + "/metrics", headers=AUTH).text
     for name in (
         "nerserve_requests_total",

@@ -21,11 +21,12 @@ class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
     padded = True
     min_fill = 0.9  # on CPU a small batch costs little extra; padding costs in full
-    #: On CPU, throughput grows little past a few thousand tokens a batch while a batch's time grows with
-    #: its size, and a request arriving waits for about one batch. `bench/budget.py` (minilm, one worker,
-    #: 2-core EPYC), texts/s and mean batch ms for sentences / paragraphs: 1024: 298, 58 / 17.4, 133;
-    #: 4096: 331, 56 / 16.9, 427; 16384: 335, 54 / 14.7, 849. 4096 is the smallest within 5% of the best on both.
-    default_max_num_tokens = 4096
+    #: On CPU, throughput does not grow with the batch (the scheduler's pool of several budgets already
+    #: groups sequences of even length) while a batch's time does, and a request arriving waits for about
+    #: one batch. `bench/budget.py` (minilm, one worker, 2-core EPYC), texts/s and mean batch ms for
+    #: sentences / paragraphs: 1024: 341, 83 / 17.4, 131; 4096: 314, 117 / 17.1, 562; 16384: 317, 123 /
+    #: 15.5, 1178. 1024 (the model's window is at most 512) is the smallest within 5% of the best on both.
+    default_max_num_tokens = 1024
 
     def __init__(self, onnx_path: Path, pad_id: int, precision: str = "fp32", threads: int | None = None) -> None:
         import onnxruntime as ort
