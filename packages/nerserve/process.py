@@ -51,9 +51,10 @@ def nvidia_devices(dev: Path = Path("/dev")) -> list[str]:
 
 def default_workers(engine: str, cores: int, gpus: list[str]) -> int:
     """Front-end workers where the setting leaves it open: one per core when the engine runs on a GPU
-    (the host's work is then the bound), one when it runs on the CPU, where the model needs every core
-    (on 2 cores, a second worker beside ONNX Runtime cost a fifth of the sentences answered: 292 against
-    367 a second, `bench/host.py`'s real-engine rows)."""
+    (the host's work is then the bound: about 420k tokens/s a core on sentences, `bench/host.py`), one
+    when it runs on the CPU, where the model needs every core and the host's share is a few percent
+    (on 2 cores ONNX Runtime served 7,211 tokens/s with one worker and 7,274 with two: a second worker
+    adds a process and buys nothing)."""
     on_gpu = bool(gpus) and engine != "onnxruntime"
     return cores if on_gpu else 1
 

@@ -147,7 +147,3 @@ class Arena:
         if index > 0 and self._free[index - 1][0] + self._free[index - 1][1] == offset:  # and the previous
             previous = self._free.pop(index - 1)
             self._free[index - 1] = (previous[0], previous[1] + self._free[index - 1][1])
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(size for _, size in self._free)
