@@ -26,6 +26,14 @@ warnings.filterwarnings("ignore", message="Tokenizer does not support real words
 import checkpoints  # noqa: E402
 
 PARITY: list[str] = []  # lines for the terminal summary
+#: the README's request (and Baseten's playground example, config.yaml's example_model_input)
+SEED = {
+    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
+    "truncate": True,
+    "truncation_direction": "Right",
+    "raw_scores": False,
+    "aggregation_strategy": "max",
+}
 
 
 def record(line: str) -> None:
@@ -131,3 +139,13 @@ class ServerProcess:
         code = self.process.wait(timeout=60)
         self.stop_seconds = time.monotonic() - started
         return code in (0, -signal.SIGTERM) and "shutdown complete" in self.output()
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    """A server on the cased WordPiece checkpoint with two workers, one per test module that asks (a
+    module may define its own `server` with other settings)."""
+    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
+    process.wait_ready()
+    yield process
+    process.stop()

@@ -11,16 +11,9 @@ import pytest
 from test_parity import compare, oracle
 
 import corpus
-from conftest import ServerProcess, real_checkpoint
+from conftest import SEED, ServerProcess, real_checkpoint
 from nerserve.metrics import STAGES
 
-SEED = {
-    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
-    "truncate": True,
-    "truncation_direction": "Right",
-    "raw_scores": False,
-    "aggregation_strategy": "max",
-}
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

@@ -34,14 +34,6 @@ from nerserve.scores import TokenScores
 from nerserve.service import NerService
 
 
-@pytest.fixture(scope="module")
-def server(built):
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
-    process.wait_ready()
-    yield process
-    process.stop()
-
-
 def served_by(process: ServerProcess, route: str = "/predict_tokens") -> Counter:
     """Requests per worker pid, from the server's one log line per request."""
     lines = re.findall(r'"worker":(\d+),"method":"POST","path":"' + re.escape(route), process.output(tail=None))

@@ -37,14 +37,6 @@ def faulty(tmp_path_factory):
     return path, poison, safe
 
 
-@pytest.fixture(scope="module")
-def server(built):
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
-    process.wait_ready()
-    yield process
-    process.stop()
-
-
 def post(url: str, body, headers=None, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(

@@ -21,18 +21,11 @@ import yaml
 from packaging.requirements import Requirement
 from truss.base.truss_config import TrussConfig
 
-from conftest import free_port
+from conftest import SEED, free_port
 from nerserve import manifest as manifest_lib
 from nerserve.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-SEED = {
-    "inputs": [["Apple is looking at buying U.K. startup for $1 billion"]],
-    "truncate": True,
-    "truncation_direction": "Right",
-    "raw_scores": False,
-    "aggregation_strategy": "max",
-}
 SETTINGS = (
     "checkpoint",
     "revision",

@@ -230,21 +230,21 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
             openapi_extra={"requestBody": body_schema, "responses": responses},
         )
 
-    @app.get("/health")
-    async def health() -> Response:
+    def when_ready(body: Callable[[], Any]) -> Response:
+        """`body()` as JSON once this worker can serve, else 503 saying why."""
         try:
             state.ready()
         except ApiError as error:
             return _error(error)
-        return _json({"status": "ok"})
+        return _json(body())
+
+    @app.get("/health")
+    async def health() -> Response:
+        return when_ready(lambda: {"status": "ok"})
 
     @app.get("/info")
     async def info() -> Response:
-        try:
-            state.ready()
-        except ApiError as error:
-            return _error(error)
-        return _json(state.info)
+        return when_ready(lambda: state.info)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
