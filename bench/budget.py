@@ -13,21 +13,11 @@ smallest budget within 5% of the best throughput on both.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
-import httpx
 import numpy as np
-import orjson
-from load import closed_loop, request_bytes, server_env, start
+from load import closed_loop, engine_batch_seconds, predict_requests, server_env, start
 from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences, paragraphs, requests_of
-
-
-def engine_batches(url: str) -> tuple[float, float]:
-    """(seconds, batches) the engine has run so far."""
-    text = httpx.get(url + "/metrics").text
-    found = [re.search(rf'nerserve_stage_seconds_{f}{{stage="engine"}} ([0-9.e+]+)', text) for f in ("sum", "count")]
-    return tuple(float(m.group(1)) if m else 0.0 for m in found)  # type: ignore[return-value]
 
 
 def main() -> None:
@@ -38,15 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     texts = conll_sentences(DEFAULT_CONLL)[0][: args.sentences]
     words = np.array([len(t.split()) * 1.4 + 2 for t in texts]).astype(int)  # about the model's tokens
-    loads = {
-        "sentences": [
-            (request_bytes("/predict_tokens", orjson.dumps({"inputs": c, "aggregation_strategy": "simple"})), len(c))
-            for c in requests_of(texts, 64)
-        ],
-        "paragraphs": [
-            (request_bytes("/predict_tokens", orjson.dumps({"inputs": c, "aggregation_strategy": "simple"})), len(c))
-            for c in requests_of(paragraphs(texts, words), 8)
-        ],
+    loads = {  # weighed in texts: closed_loop's "tokens_s" is then texts/s
+        "sentences": predict_requests(requests_of(texts, 64), lambda _: 1),
+        "paragraphs": predict_requests(requests_of(paragraphs(texts, words), 8), lambda _: 1),
     }
     print("| budget | sentences texts/s | batch mean ms | paragraphs texts/s | batch mean ms |")
     print("| ---: | ---: | ---: | ---: | ---: |")
@@ -59,9 +43,9 @@ def main() -> None:
         try:
             row = {}
             for name, load in loads.items():
-                before = engine_batches(server.url)
-                texts_s = closed_loop(server.port, load, 16, args.seconds)["tokens_s"]  # tokens: texts here
-                after = engine_batches(server.url)
+                before = engine_batch_seconds(server.url)
+                texts_s = closed_loop(server.port, load, 16, args.seconds)["tokens_s"]
+                after = engine_batch_seconds(server.url)
                 row[name] = (texts_s, 1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1))
             rows[budget] = row
             print(

@@ -15,7 +15,7 @@ model tokens with [CLS]/[SEP]. A raw-socket closed-loop client (load.py) keeps `
 in flight; its own CPU share is shown. Writes bench/results/<date>-<machine>-host.{json,md} and a chart
 of tokens/s against workers (-host.png).
 
-    .venv/bin/python bench/host.py [--seconds 8] [--sentences 2000] [--workers 1,2] [--quick]
+    PYTHONPATH=packages .venv/bin/python bench/host.py [--seconds 8] [--sentences 2000] [--workers 1,2] [--quick]
 """
 
 from __future__ import annotations
@@ -32,10 +32,17 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
-import orjson
-from load import ROOT, closed_loop, free_port, request_bytes, server_env, start, tree_cpu_seconds
+from load import (
+    ROOT,
+    closed_loop,
+    engine_batch_seconds,
+    free_port,
+    predict_requests,
+    server_env,
+    start,
+    tree_cpu_seconds,
+)
 from replay_engine import REPLAY_FILE, record
 from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences, machine_name, paragraphs, requests_of
 
@@ -55,21 +62,10 @@ def measure(server, requests: list[tuple[bytes, int]], seconds: float, connectio
     return result
 
 
-def engine_batch_seconds(server) -> tuple[float, float]:
-    """(sum, count) of the engine's batch times so far, from /metrics."""
-    text = httpx.get(server.url + "/metrics").text
-    values = {}
-    for line in text.splitlines():
-        for field in ("sum", "count"):
-            if line.startswith(f'nerserve_stage_seconds_{field}{{stage="engine"}}'):
-                values[field] = float(line.split()[-1])
-    return values.get("sum", 0.0), values.get("count", 0.0)
-
-
 def mixed(server, sentence_requests, document_requests, seconds: float, has_metrics: bool) -> dict:
     """One-sentence requests (one connection, one at a time) while documents are served (two connections)."""
     alone = closed_loop(server.port, sentence_requests, 1, min(seconds, 3.0))
-    before = engine_batch_seconds(server) if has_metrics else (0.0, 0.0)
+    before = engine_batch_seconds(server.url) if has_metrics else (0.0, 0.0)
     background: dict = {}
     thread = threading.Thread(
         target=lambda: background.update(closed_loop(server.port, document_requests, 2, seconds + 4))
@@ -78,7 +74,7 @@ def mixed(server, sentence_requests, document_requests, seconds: float, has_metr
     time.sleep(2.0)  # the documents are in the engine
     foreground = closed_loop(server.port, sentence_requests, 1, seconds)
     thread.join()
-    after = engine_batch_seconds(server) if has_metrics else (0.0, 0.0)
+    after = engine_batch_seconds(server.url) if has_metrics else (0.0, 0.0)
     sentences = sum(foreground["statuses"].values())
     # The documents' batches: the engine's time less the sentences' own batches (one each, at most their
     # time alone), over the batches that were not theirs.
@@ -224,16 +220,10 @@ def main() -> None:
     budget = service.engine.max_num_tokens
     service.engine.close()
 
-    def bodies(items: list[str], per: int) -> list[tuple[bytes, int]]:
-        return [
-            (
-                request_bytes("/predict_tokens", orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"})),
-                sum(tokens_of[t] for t in chunk),
-            )
-            for chunk in requests_of(items, per)
-        ]
-
-    loads = {"sentences": bodies(sentences, 64), "paragraphs": bodies(paras, 8)}
+    loads = {
+        "sentences": predict_requests(requests_of(sentences, 64), tokens_of.__getitem__),
+        "paragraphs": predict_requests(requests_of(paras, 8), tokens_of.__getitem__),
+    }
     results: dict = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_name(),
@@ -277,17 +267,8 @@ def main() -> None:
     command, env, _ = single_process_server(args.baseline, folder, checkpoint)
     run_server("single process (before)", command, env, 1)
 
-    one = [
-        (
-            request_bytes("/predict_tokens", orjson.dumps({"inputs": [s], "aggregation_strategy": "simple"})),
-            tokens_of[s],
-        )
-        for s in sentences[:500]
-    ]
-    docs = [
-        (request_bytes("/predict_tokens", orjson.dumps({"inputs": [d], "aggregation_strategy": "simple"})), 0)
-        for d in documents
-    ]
+    one = predict_requests([[s] for s in sentences[:500]], tokens_of.__getitem__)
+    docs = predict_requests([[d] for d in documents], lambda _: 0)
     for name, (command, env, metrics) in {
         "this server": (
             [sys.executable, "-m", "nerserve.server"],

@@ -9,16 +9,19 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import re
 import selectors
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,6 +104,26 @@ def request_bytes(path: str, body: bytes) -> bytes:
         f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def predict_requests(chunks: list[list[str]], weight: Callable[[str], int]) -> list[tuple[bytes, int]]:
+    """One POST /predict_tokens per chunk of texts (strategy `simple`, as every bench row asks), each with
+    what `closed_loop` counts when it is answered: the sum of its texts' weights (their tokens, or 1 to
+    count texts)."""
+    return [
+        (
+            request_bytes("/predict_tokens", orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"})),
+            sum(weight(text) for text in chunk),
+        )
+        for chunk in chunks
+    ]
+
+
+def engine_batch_seconds(url: str) -> tuple[float, float]:
+    """(seconds, batches) the server's engine has run so far, from its /metrics."""
+    text = httpx.get(url + "/metrics").text
+    found = [re.search(rf'nerserve_stage_seconds_{f}{{stage="engine"}} ([0-9.e+]+)', text) for f in ("sum", "count")]
+    return (float(found[0].group(1)) if found[0] else 0.0, float(found[1].group(1)) if found[1] else 0.0)
 
 
 def _closed_loop(port: int, requests: list[tuple[bytes, int]], connections: int, seconds: float, queue) -> None:

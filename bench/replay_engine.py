@@ -18,6 +18,7 @@ from nerserve.checkpoint import Checkpoint
 from nerserve.config import Settings
 from nerserve.engines.base import Engine
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
+from nerserve.scores import TokenScores
 
 REPLAY_FILE = "NERSERVE_BENCH_REPLAY"
 
@@ -57,6 +58,10 @@ class ReplayEngine(Engine):
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         return [self.table[key(ids)] for ids in sequences]
 
+    def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """Softmax and argmax in numpy, as the CPU engine takes them."""
+        return TokenScores.of_logits(np.concatenate(self.run(sequences)), keep_logits)
+
     def close(self) -> None:
         self.table = {}
 
@@ -64,5 +69,5 @@ class ReplayEngine(Engine):
 def load(settings: Settings, checkpoint: Checkpoint) -> Engine:
     """The bench server's engine loader: the recorded logits, with the real engine's batch budget."""
     engine = ReplayEngine.load(checkpoint, settings.precision)
-    engine.max_num_tokens = settings.max_num_tokens or OnnxRuntimeEngine.default_max_num_tokens
+    engine.max_num_tokens = OnnxRuntimeEngine.budget(settings.max_num_tokens)
     return engine

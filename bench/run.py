@@ -271,24 +271,15 @@ def bench_http(
     try:
         info = httpx.get(server.url + "/info").json()
 
-        def bodies(texts, per):
-            return [
-                (
-                    load.request_bytes(
-                        "/predict_tokens", orjson.dumps({"inputs": chunk, "aggregation_strategy": "simple"})
-                    ),
-                    sum(ntok[t] for t in chunk),
-                )
-                for chunk in requests_of(texts, per)
-            ]
-
         res = {
             "engine": info.get("engine"),
             "precision": info.get("precision"),
             "max_num_tokens": info.get("max_num_tokens"),
         }
         for name, texts, per in (("sentences", sents, 64), ("paragraphs", paras, 8)):
-            result = load.closed_loop(server.port, bodies(texts, per), connections, seconds)
+            result = load.closed_loop(
+                server.port, load.predict_requests(requests_of(texts, per), ntok.__getitem__), connections, seconds
+            )
             res[name] = {
                 "tokens_s": result["tokens_s"],
                 "texts_s": result["requests_s"] * per,

@@ -9,7 +9,7 @@ a token), as the real one does; only the crossing is timed, worker side, round t
 - pickle: numpy arrays through `Connection.send`/`recv`, what multiprocessing does by default.
 Sizes: one sentence (25 tokens), 64 sentences (1,600), 8 paragraphs (3,000), a document (30,000).
 
-    .venv/bin/python bench/transport.py [--repeat 2000]
+    PYTHONPATH=packages .venv/bin/python bench/transport.py [--repeat 2000]
 """
 
 from __future__ import annotations
@@ -74,10 +74,9 @@ def shared_memory(connection, arena: Arena, sequences: list[np.ndarray], keep: b
     np.concatenate(sequences, out=block.ids, casting="unsafe")
     connection.send_bytes(Submit(1, len(sequences), tokens, offset, keep).encode())
     decode(connection.recv_bytes())
-    s = block.scores
-    copied = TokenScores(s.labels.copy(), s.probs.copy(), None if s.logits is None else s.logits.copy())
+    scores = block.scores.copy()
     arena.release(offset, size)
-    return copied
+    return scores
 
 
 def plain_bytes(connection, sequences: list[np.ndarray], keep: bool) -> TokenScores:

@@ -268,8 +268,8 @@ def server_settings() -> Settings:
     return Settings.from_config(read_config(config_path(REPO / "config.yaml")))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    settings = server_settings()
+def parse_args(settings: Settings, argv: list[str] | None = None) -> argparse.Namespace:
+    """The build's arguments, each defaulting to what the server's `settings` would serve."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--checkpoint",
@@ -280,7 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--revision", default=settings.revision, help="branch, tag or commit of a hub checkpoint (default: main)"
     )
-    budget = settings.max_num_tokens or TensorRTEngine.default_max_num_tokens
+    budget = TensorRTEngine.budget(settings.max_num_tokens)
     parser.add_argument(
         "--max-num-tokens",
         type=int,
@@ -339,9 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
     settings = server_settings()
+    args = parse_args(settings, argv)
+    started = time.perf_counter()
     checkpoint = load_checkpoint(args.checkpoint, args.revision, settings.hf_token, settings.mounts)
     if args.max_num_tokens < checkpoint.max_input_tokens:
         sys.exit(

@@ -32,53 +32,44 @@ MAX_LENGTH = 512
 KINDS = ("wordpiece-uncased", "wordpiece-cased", "bpe")
 
 
+def _fast(tok: Tokenizer, roles: dict[str, str], max_length: int, **extra: object) -> PreTrainedTokenizerFast:
+    """The trained `tok` as transformers loads it, its special tokens named by role (`pad_token`: "[PAD]")."""
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **roles, **extra)
+
+
+def _specials(roles: dict[str, str]) -> list[str]:
+    """The special tokens a trainer reserves, in role order: their ids are their places (the pad id is one)."""
+    return list(dict.fromkeys(roles.values()))
+
+
 def _wordpiece_tokenizer(cased: bool, max_length: int) -> PreTrainedTokenizerFast:
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    roles = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cased)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials, continuing_subword_prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=_specials(roles), continuing_subword_prefix="##")
     tok.train_from_iterator(training_corpus(), trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
     )
     tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=max_length,
-        do_lower_case=not cased,
-    )
+    return _fast(tok, roles, max_length, do_lower_case=not cased)
 
 
 def _bpe_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    roles = dict(bos_token="<s>", pad_token="<pad>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=500, special_tokens=_specials(roles), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(training_corpus(), trainer)
     tok.post_processor = processors.RobertaProcessing(
         ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), trim_offsets=True, add_prefix_space=False
     )
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        cls_token="<s>",
-        sep_token="</s>",
-        mask_token="<mask>",
-        model_max_length=max_length,
-    )
+    return _fast(tok, roles, max_length, cls_token="<s>", sep_token="</s>")
 
 
 def _decisive(model: torch.nn.Module, seed: int) -> None:

@@ -35,7 +35,9 @@ from .ui import add_page
 
 log = logging.getLogger("nerserve")
 PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
-#: requests this small are tokenized and aggregated on the event loop (~0.1 ms: less than a thread hop)
+#: requests up to this size are tokenized and aggregated on the event loop (the worker's one interpreter would
+#: run a thread's Python no sooner, and the hop costs); larger ones go to a thread, so the loop keeps answering
+#: its other connections while the tokenizer (which releases the interpreter lock) works
 INLINE_TEXTS, INLINE_CHARS = 256, 100_000
 #: a refused request's body is read and dropped up to this many bytes before the answer, so clients that
 #: send their whole body before reading (Python's urllib, requests) read the 413/401 instead of a reset

@@ -39,7 +39,7 @@ class Settings:
     precision: str | None = None  # fp32 | fp16 | bf16 | int8; None: the engine's default
     max_num_tokens: int | None = None  # tokens of one engine batch; None: the engine's measured default
     window_stride: int | None = None  # overlap of an over-long text's windows; None: what fits the model
-    workers: int | None = None  # front-end processes; None: one per core this process may use
+    workers: int | None = None  # front-end processes; None: by the engine (process.default_workers)
     max_texts: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
     queue_size: int = 4096

@@ -165,9 +165,6 @@ class EngineClient:
         except BaseException:
             self._release(request)
             raise
-        scores = block.scores
-        copied = TokenScores(
-            scores.labels.copy(), scores.probs.copy(), None if scores.logits is None else scores.logits.copy()
-        )
+        scores = block.scores.copy()
         self._release(request)
-        return copied
+        return scores

@@ -24,7 +24,6 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection, Listener
 
 from .config import Settings
-from .engines import load_engine
 from .errors import ApiError
 from .metrics import Metrics
 from .process import settle_memory
@@ -55,6 +54,11 @@ class WorkerLink:
                 self.connection.send_bytes(message)
             except OSError:
                 self.alive = False
+
+    def close(self) -> None:
+        """The worker went away: later answers to it are dropped (a send in progress finishes first)."""
+        with self._send_lock:
+            self.alive = False
 
 
 class EngineHost:
@@ -93,8 +97,7 @@ class EngineHost:
                         self.service.scheduler.cancel(job)
         except (EOFError, OSError):
             pass
-        with link._send_lock:
-            link.alive = False
+        link.close()
         for job in list(link.jobs.values()):
             self.service.scheduler.cancel(job)
         log.info("worker %d disconnected; its %d requests in flight were cancelled", pid, len(link.jobs))
@@ -118,7 +121,7 @@ class EngineHost:
 
 
 def run(
-    settings: Settings, address: str, authkey: bytes, status: Connection, engine_loader: EngineLoader = load_engine
+    settings: Settings, address: str, authkey: bytes, status: Connection, engine_loader: EngineLoader | None
 ) -> None:
     """Entry point of the engine process (spawned by the supervisor)."""
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")

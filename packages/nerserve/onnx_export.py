@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import Checkpoint, cache_root
+from .engines.base import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +197,12 @@ def compare_with_torch(
         ids = rng.integers(5, vocab, size=(batch, length), dtype=np.int64)
         lengths = rng.integers(1, length + 1, size=batch)
         lengths[0] = length
-        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        feeds = {n: feeds[n] for n in names}
+        padded = pad_batch([row[:n] for row, n in zip(ids, lengths, strict=True)], checkpoint.pad_id)
+        feeds = {n: padded[n] for n in names}
         got = run(feeds)
         with torch.no_grad():
             want = model(**{n: torch.from_numpy(v) for n, v in feeds.items()}).logits.float().numpy()
-        real = mask.astype(bool)
+        real = padded["attention_mask"].astype(bool)
         worst = max(worst, float(np.abs(got - want)[real].max()))
         agree += int((got.argmax(-1) == want.argmax(-1))[real].sum())
         total += int(real.sum())

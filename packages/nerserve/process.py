@@ -53,8 +53,8 @@ def default_workers(engine: str, cores: int, gpus: list[str]) -> int:
     """Front-end workers where the setting leaves it open: one per core when the engine runs on a GPU
     (the host's work is then the bound: about 420k tokens/s a core on sentences, `bench/host.py`), one
     when it runs on the CPU, where the model needs every core and the host's share is a few percent
-    (on 2 cores ONNX Runtime served 7,211 tokens/s with one worker and 7,274 with two: a second worker
-    adds a process and buys nothing)."""
+    (on 2 cores ONNX Runtime served 7,260 tokens/s on sentences with one worker and 7,289 with two,
+    bench/results/2026-11-27-AMD-EPYC-host.md: a second worker adds a process and buys nothing)."""
     on_gpu = bool(gpus) and engine != "onnxruntime"
     return cores if on_gpu else 1
 
@@ -62,8 +62,7 @@ def default_workers(engine: str, cores: int, gpus: list[str]) -> int:
 def settle_memory() -> None:
     """Once a process has loaded what it keeps (tokenizer, vocabulary, the web framework), move it out of
     the cyclic garbage collector's sight and collect young objects less often: a request allocates
-    thousands of small objects, and each full collection otherwise walks every long-lived one too
-    (a third of a worker's time in a profile of the host-capacity bench)."""
+    thousands of small objects, and each full collection otherwise walks every long-lived one too."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -271,12 +271,11 @@ class Scheduler:
                 job.settle(failure)
             return
         seconds = time.perf_counter() - started
-        real = int(sum(len(job.sequences[i]) for job, i in live))
-        padded = len(live) * max(len(job.sequences[i]) for job, i in live) if self.engine.padded else real
-        self._observe_batch(len(live), real, padded, seconds)
+        lengths = [int(job.lengths[i]) for job, i in live]
+        real = sum(lengths)
+        self._observe_batch(len(live), real, len(live) * max(lengths) if self.engine.padded else real, seconds)
         row = 0
-        for job, i in live:
-            length = int(job.lengths[i])
+        for (job, i), length in zip(live, lengths, strict=True):
             job.out.put(slice(int(job.rows[i]), int(job.rows[i]) + length), scores.take(slice(row, row + length)))
             row += length
         for job in self._ran(live):

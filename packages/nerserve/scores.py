@@ -43,6 +43,10 @@ class TokenScores:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def copy(self) -> TokenScores:
+        """The same scores in arrays of their own (out of a shared-memory block that is about to be reused)."""
+        return TokenScores(self.labels.copy(), self.probs.copy(), None if self.logits is None else self.logits.copy())
+
     def take(self, rows: np.ndarray | slice) -> TokenScores:
         """The scores of the given token rows."""
         return TokenScores(self.labels[rows], self.probs[rows], None if self.logits is None else self.logits[rows])

@@ -48,7 +48,7 @@ class Supervisor:
 
     def __init__(self, settings: Settings, engine_loader: EngineLoader | None = None) -> None:
         """`engine_loader`, where given, is how the engine process makes its engine (a module-level
-        function, as the spawned process imports it by name); by default the runtime the settings choose."""
+        function, as the spawned process imports it by name); None: NerService's default."""
         self.settings = settings
         self.engine_loader = engine_loader
         self.workers_wanted = settings.workers or default_workers(settings.engine, usable_cores(), nvidia_devices())
@@ -57,7 +57,6 @@ class Supervisor:
         self.address = str(self.folder / "engine.sock")
         self.authkey = os.urandom(32)
         self.workers: dict[int, BaseProcess] = {}  # sentinel -> process
-        self.stopping = False
         self._wake_read, self._wake_write = os.pipe()
 
     def run(self) -> int:
@@ -73,7 +72,7 @@ class Supervisor:
         status_read, status_write = self.spawn.Pipe(duplex=False)
         engine = self.spawn.Process(
             target=run_engine,
-            args=(self.settings, self.address, self.authkey, status_write, *filter(None, [self.engine_loader])),
+            args=(self.settings, self.address, self.authkey, status_write, self.engine_loader),
             name="nerserve-engine",
         )
         engine.start()
@@ -157,7 +156,6 @@ class Supervisor:
         """Stop the workers, then the engine process, killing what outlives the shutdown window. With
         `drain`, the workers get SIGTERM: 503 to new requests for `shutdown_grace_s`, then they finish what
         they accepted; without (a model that never loaded: nothing was accepted) they are killed at once."""
-        self.stopping = True
         deadline = time.monotonic() + self.settings.shutdown_timeout_s - ENGINE_STOP_S
         for process in self.workers.values():
             _signal(process, signal.SIGTERM if drain else signal.SIGKILL)

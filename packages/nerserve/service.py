@@ -52,17 +52,17 @@ class NerService:
         settings: Settings,
         observe_batch: BatchObserver | None = None,
         observe_queue: Callable[[float], None] | None = None,
-        engine_loader: EngineLoader = load_engine,
+        engine_loader: EngineLoader | None = None,
     ) -> None:
-        """`engine_loader` makes the engine (`load_engine`: the runtime the settings choose); the bench
-        gives its own to measure everything but the model."""
+        """`engine_loader` makes the engine (None: `load_engine`, the runtime the settings choose); the
+        bench gives its own to measure everything but the model."""
         self.settings = settings
         self.checkpoint: Checkpoint = load_checkpoint(
             settings.checkpoint, settings.revision, settings.hf_token, settings.mounts
         )
         tokenizer = TextTokenizer(self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride)
         self.frontend = Frontend(tokenizer, self.checkpoint.labels)
-        self.engine = engine_loader(settings, self.checkpoint)
+        self.engine = (engine_loader or load_engine)(settings, self.checkpoint)
         self.scheduler = Scheduler(
             self.engine, settings.batch_wait_ms, settings.queue_size, observe_batch, observe_queue
         )

@@ -62,7 +62,7 @@ def plan(settings: Settings, here: Platform, baked: Path, environ: dict[str, str
     from .engines.tensorrt_engine import TensorRTEngine
 
     checkpoint = load_checkpoint(settings.checkpoint, settings.revision, settings.hf_token, settings.mounts)
-    budget = settings.max_num_tokens or TensorRTEngine.default_max_num_tokens
+    budget = TensorRTEngine.budget(settings.max_num_tokens)
     target = engine_cache(environ) / cache_key(checkpoint, settings, budget, here)
     for folder in (baked, target):
         if not (folder / "manifest.json").is_file():

@@ -9,7 +9,7 @@ process once, as a file descriptor over their Unix socket. A request is one bloc
 
 The worker writes lengths and ids and sends a 26-byte SUBMIT message naming the block; the engine
 process reads the ids in place, writes labels, probabilities (and logits) in place, and answers a
-9-byte DONE (or an error). So a request crosses processes without pickling or copying its arrays
+10-byte DONE (or an error). So a request crosses processes without pickling or copying its arrays
 through a pipe (`bench/transport.py` measures the two). The block stays the worker's: it is reused
 only after the engine's DONE, the promise that the engine will not write it again.
 
@@ -39,7 +39,8 @@ _DONE = struct.Struct("<QB")
 OK, FAILED = 0, 1
 ALIGN = 64
 #: each worker's arena: virtual size (pages are taken only as requests touch them, and given back after
-#: large ones). The largest request a 4 MiB body can make needs a few hundred MiB at most.
+#: large ones). The largest request a 4 MiB body can make (a token per byte, windows overlapping, 9
+#: labels' logits) needs about 260 MiB; one that would not fit is refused with 413.
 ARENA_BYTES = 1 << 30
 
 

@@ -81,8 +81,7 @@ def load_engine(settings: Settings, checkpoint: Checkpoint) -> Engine:
             choice = "onnxruntime"
     log.info("engine: %s", choice)
     runtime = _runtime(choice)
-    budget = artefact.max_num_tokens if artefact is not None else settings.max_num_tokens
-    budget = budget or runtime.default_max_num_tokens
+    budget = runtime.budget(artefact.max_num_tokens if artefact is not None else settings.max_num_tokens)
     if budget < checkpoint.max_input_tokens:
         raise ValueError(
             f"max_num_tokens={budget} is below the model's max input length {checkpoint.max_input_tokens}: "

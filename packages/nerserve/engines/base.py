@@ -39,6 +39,12 @@ class Engine(abc.ABC):
     max_num_tokens: int = default_max_num_tokens
 
     @classmethod
+    def budget(cls, requested: int | None) -> int:
+        """The batch budget to serve with: `requested` (the setting, or what a plan was built for), else
+        this runtime's default."""
+        return requested or cls.default_max_num_tokens
+
+    @classmethod
     @abc.abstractmethod
     def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> Engine:
         """This runtime for `checkpoint`, from the built engine folder's `artefact` where one is served."""
@@ -51,10 +57,10 @@ class Engine(abc.ABC):
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits (float32, shape [len(seq), num_labels]) for each int64 id sequence, in order."""
 
+    @abc.abstractmethod
     def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
-        """The scores of every token of `sequences`, concatenated in order. This default takes the
-        softmax on the host in numpy; GPU engines override it to take it where the logits are."""
-        return TokenScores.of_logits(np.concatenate(self.run(sequences)), keep_logits)
+        """The scores of every token of `sequences`, concatenated in order, taken where the logits are
+        (numpy for ONNX Runtime, the device for torch and TensorRT)."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -74,16 +80,21 @@ def scores_of_tensor(logits, keep_logits: bool) -> TokenScores:
     )
 
 
-def pad_batch(sequences: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to the longest sequence: (input_ids, attention_mask), both int64 [batch, longest]."""
+#: every input an exported graph may have, as engines feed them: token types are all 0 (one segment)
+FEEDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def pad_batch(sequences: list[np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad to the longest sequence: a value for each of FEEDS, int64 [batch, longest] (an engine
+    passes the ones its graph or module takes)."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     longest = int(lengths.max()) if len(sequences) else 0
     mask = (np.arange(longest)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
     ids[mask.astype(bool)] = np.concatenate(sequences) if sequences else np.empty(0, np.int64)
-    return ids, mask
+    return dict(zip(FEEDS, (ids, mask, np.zeros_like(ids)), strict=True))
 
 
-def unpad(logits: np.ndarray, sequences: list[np.ndarray]) -> list[np.ndarray]:
-    """Split a padded [batch, longest, labels] result back into one array per sequence."""
-    return [np.ascontiguousarray(logits[i, : len(s)], dtype=np.float32) for i, s in enumerate(sequences)]
+def per_sequence(real: np.ndarray, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    """The real tokens' logits [sum of lengths, labels], in order, as one array per sequence (views)."""
+    return np.split(real, np.cumsum([len(s) for s in sequences])[:-1])

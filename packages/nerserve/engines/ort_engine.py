@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import Engine, pad_batch, unpad
+from ..process import usable_cores
+from ..scores import TokenScores
+from .base import Engine, pad_batch, per_sequence
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 
 class OnnxRuntimeEngine(Engine):
-    """Runs an exported (and checked) ONNX graph with all graph optimizations and one thread per core."""
+    """Runs an exported (and checked) ONNX graph with all graph optimizations and one thread per core this
+    process may use (a container's CPU quota, not the host's core count)."""
 
     name = "onnxruntime"
     padded = True
@@ -28,12 +30,12 @@ class OnnxRuntimeEngine(Engine):
     #: 15.5, 1178. 1024 (the model's window is at most 512) is the smallest within 5% of the best on both.
     default_max_num_tokens = 1024
 
-    def __init__(self, onnx_path: Path, pad_id: int, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(self, onnx_path: Path, pad_id: int, precision: str = "fp32") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = usable_cores()
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]
@@ -55,10 +57,17 @@ class OnnxRuntimeEngine(Engine):
         return cls(cached_onnx(checkpoint), pad_id=checkpoint.pad_id)
 
     def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        ids, mask = pad_batch(sequences, self._pad_id)
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        return per_sequence(self._real_logits(sequences), sequences)
+
+    def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
+        """Softmax and argmax in numpy, on the real tokens only."""
+        return TokenScores.of_logits(self._real_logits(sequences), keep_logits)
+
+    def _real_logits(self, sequences: list[np.ndarray]) -> np.ndarray:
+        """float32 logits [sum of lengths, labels] of the real tokens of `sequences`, in order."""
+        feeds = pad_batch(sequences, self._pad_id)
         logits = self._session.run(["logits"], {name: feeds[name] for name in self._inputs})[0]
-        return unpad(logits, sequences)
+        return logits[feeds["attention_mask"].astype(bool)]
 
     def close(self) -> None:
         """Drop the session: ONNX Runtime frees its weights and arena with it."""

@@ -28,7 +28,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..manifest import EngineArtefact, read_manifest
 from ..scores import TokenScores
-from .base import Engine, pad_batch, scores_of_tensor
+from .base import FEEDS, Engine, pad_batch, per_sequence, scores_of_tensor
 
 __all__ = [
     "PLAN_NAME",
@@ -323,10 +323,6 @@ def build_engine(
 # --- serving a plan ------------------------------------------------------------------------------------
 
 
-#: the inputs a plan from onnx_export may have; run() writes each in full for every batch
-FEEDS = ("input_ids", "attention_mask", "token_type_ids")
-
-
 def check_io(plan_path: Path, inputs: list[str], outputs: list[str]) -> None:
     """Refuse a plan whose inputs run() would not write in full, or whose outputs it would not read.
 
@@ -455,8 +451,7 @@ class TensorRTEngine(Engine):
             return []
         with self._lock, self._torch.cuda.stream(self._stream):
             real = self._forward(sequences).float().cpu().numpy()  # .cpu() waits for this stream
-        bounds = np.cumsum([len(s) for s in sequences])[:-1]
-        return [np.ascontiguousarray(part) for part in np.split(real, bounds)]
+        return per_sequence(real, sequences)
 
     def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
         """Softmax and argmax on the GPU: the host gets labels and probabilities."""
@@ -466,11 +461,10 @@ class TensorRTEngine(Engine):
     def _forward(self, sequences: list[np.ndarray]):
         """The real tokens' logits [sum of lengths, labels] on the GPU, in order (on the engine's stream)."""
         torch = self._torch
-        ids, mask = pad_batch(sequences, self._pad_id)
-        batch, longest = ids.shape
+        host = pad_batch(sequences, self._pad_id)
+        batch, longest = host["input_ids"].shape
         index = pick_profile(self._profiles, batch, longest)
         context = self._contexts[index]
-        host = dict(zip(FEEDS, (ids, mask, np.zeros_like(ids)), strict=True))
         set_batch_shape(context, self._inputs, (batch, longest), index, self._profiles[index])
         for name, buffer in self._buffers.items():
             view = buffer[: batch * longest]

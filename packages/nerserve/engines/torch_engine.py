@@ -25,7 +25,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..manifest import EngineArtefact
 from ..scores import TokenScores
-from .base import Engine, pad_batch, scores_of_tensor
+from .base import Engine, pad_batch, per_sequence, scores_of_tensor
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,7 @@ class TorchEngine(Engine):
         if not sequences:
             return []
         with self._torch.inference_mode():
-            logits = self._forward(sequences).cpu().numpy()
-        return np.split(logits, np.cumsum([len(s) for s in sequences])[:-1])
+            return per_sequence(self._forward(sequences).cpu().numpy(), sequences)
 
     def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
         """Softmax and argmax on the engine's device: the host gets labels and probabilities."""
@@ -356,8 +355,7 @@ class TorchEngine(Engine):
         if self._encoder is not None:
             return self._forward_packed(sequences)
         torch = self._torch
-        ids, mask = pad_batch(sequences, self._pad_id)
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = pad_batch(sequences, self._pad_id)
         tensors = {n: torch.from_numpy(feeds[n]).to(self.device, non_blocking=True) for n in self._names}
         logits = self._model(**tensors).logits.float()
         return logits[tensors["attention_mask"].bool()]
