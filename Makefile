@@ -20,12 +20,14 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
 .PHONY: install lint format serve test stress bench screenshot build-engine clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-ray.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the package itself, editable: the `nerserve` command ($(VENV)/bin/nerserve) over packages/ as it is
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,7 +44,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 serve: $(STAMP)
-	$(PY) -m nerserve.server
+	$(PY) -m nerserve serve
 
 test: lint
 	$(PY) -m pytest -q tests
@@ -66,7 +68,7 @@ screenshot: $(STAMP)
 
 # The checkpoint, precision and budget default to the server's (config.yaml, engine defaults).
 build-engine: $(STAMP)
-	$(PY) build/build_engine.py --out "$(OUT)"
+	$(PY) -m nerserve build-engine --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

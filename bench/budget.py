@@ -37,7 +37,7 @@ def main() -> None:
     rows = {}
     for budget in [int(b) for b in args.budgets.split(",")]:
         server = start(
-            [sys.executable, "-m", "nerserve.server"],
+            [sys.executable, "-m", "nerserve", "serve"],
             server_env(checkpoint=str(DEFAULT_MODEL), workers="1", max_num_tokens=str(budget)),
         )
         try:

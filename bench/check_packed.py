@@ -18,8 +18,8 @@ def run_batched(engine, seqs, max_num_tokens=16384):
     of all of CoNLL dev would pad 3250 sentences to the longest and take tens of GB on CPU)."""
     out = [None] * len(seqs)
     lengths = np.array([len(s) for s in seqs])
-    for batch in engine.plan(lengths, max_num_tokens):
-        for i, x in zip(batch.tolist(), engine.run([seqs[i] for i in batch.tolist()]), strict=True):
+    for batch in engine.batches(lengths, max_num_tokens):
+        for i, x in zip(batch.tolist(), engine.logits([seqs[i] for i in batch.tolist()]), strict=True):
             out[i] = x
     return out
 
@@ -32,10 +32,10 @@ def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
     import torch
     from run import paragraphs
 
-    from nerserve.aggregation import Aggregator
     from nerserve.checkpoint import load_checkpoint
     from nerserve.engines.torch_engine import TorchEngine
-    from nerserve.tokenization import TextTokenizer
+    from nerserve.text.aggregation import Aggregator
+    from nerserve.text.tokenization import TextTokenizer
 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()

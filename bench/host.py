@@ -109,7 +109,7 @@ def single_process_server(commit: str, folder: Path, checkpoint: str) -> tuple[l
         ENGINE="onnxruntime",
         LOG_LEVEL="WARNING",
     )
-    return [sys.executable, "-m", "nerserve.server"], env, root
+    return [sys.executable, "-m", "nerserve", "serve"], env, root
 
 
 def table(results: dict) -> str:
@@ -195,15 +195,15 @@ def main() -> None:
     if args.quick:
         args.seconds, args.sentences = 3.0, 800
     from nerserve.config import Settings
-    from nerserve.frontend import WARMUP
-    from nerserve.process import usable_cores
-    from nerserve.service import NerService
+    from nerserve.engine.core import EngineCore
+    from nerserve.platform import usable_cores
+    from nerserve.text.frontend import WARMUP
 
     counts = [int(w) for w in args.workers.split(",")] if args.workers else list(range(1, usable_cores() + 1))
     texts = conll_sentences(DEFAULT_CONLL)[0]
     sentences = texts[: args.sentences]
     folder = Path(tempfile.mkdtemp(prefix="nerbench-host-"))
-    service = NerService(Settings(checkpoint=str(args.checkpoint), engine="onnxruntime"))
+    service = EngineCore(Settings(checkpoint=str(args.checkpoint), engine="onnxruntime"))
     service.scheduler.close()
     tokenizer = service.tokenizer
     tokens_of = {
@@ -260,7 +260,7 @@ def main() -> None:
         )
         run_server(
             "real engine",
-            [sys.executable, "-m", "nerserve.server"],
+            [sys.executable, "-m", "nerserve", "serve"],
             server_env(checkpoint=checkpoint, workers=str(workers), engine="onnxruntime"),
             workers,
         )
@@ -271,7 +271,7 @@ def main() -> None:
     docs = predict_requests([[d] for d in documents], lambda _: 0)
     for name, (command, env, metrics) in {
         "this server": (
-            [sys.executable, "-m", "nerserve.server"],
+            [sys.executable, "-m", "nerserve", "serve"],
             server_env(checkpoint=checkpoint, engine="onnxruntime"),
             True,
         ),

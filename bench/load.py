@@ -74,7 +74,7 @@ def start(command: list[str], env: dict[str, str], cwd: Path = ROOT, timeout: fl
 
 
 def server_env(**settings: str) -> dict[str, str]:
-    """The environment for `python -m nerserve.server` with these settings (NERSERVE_<NAME>), on a free port."""
+    """The environment for `python -m nerserve serve` with these settings (NERSERVE_<NAME>), on a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_")}
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT / "packages"), str(ROOT / "bench")]),

@@ -36,8 +36,8 @@ def requests_throughput(engine, requests: list[list[np.ndarray]], seconds: float
         request = requests[k % len(requests)]
         k += 1
         lengths = np.array([len(s) for s in request])
-        for batch in engine.plan(lengths, max_num_tokens):
-            engine.run([request[i] for i in batch.tolist()])
+        for batch in engine.batches(lengths, max_num_tokens):
+            engine.logits([request[i] for i in batch.tolist()])
         tokens += int(lengths.sum())
     return tokens / (time.perf_counter() - start)
 
@@ -52,7 +52,7 @@ def main() -> None:
     from transformers import pipeline
 
     from nerserve.config import Settings
-    from nerserve.service import NerService
+    from nerserve.engine.core import EngineCore
 
     path = (
         DEFAULT_MODEL
@@ -60,7 +60,7 @@ def main() -> None:
         else build_bert_base(DEFAULT_MODEL, Path(tempfile.mkdtemp(prefix="nerpadding-")) / "bert-base-random")
     )
     sents = conll_sentences(DEFAULT_CONLL)[0][: args.sentences]
-    service = NerService(Settings(checkpoint=str(path)))
+    service = EngineCore(Settings(checkpoint=str(path)))
     tok, engine = service.tokenizer, service.engine
     sentence_ids = [x.ids for w in tok.encode(sents, False) for x in w]
     paras = paragraphs(sents, np.array([len(s) for s in sentence_ids]))

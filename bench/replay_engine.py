@@ -31,9 +31,9 @@ def record(engine: Engine, sequences: list[np.ndarray], path: Path) -> Path:
     """Run `engine` over `sequences` (in budget batches) and save {ids: logits}."""
     table: dict[bytes, np.ndarray] = {}
     lengths = np.array([len(s) for s in sequences])
-    for batch in engine.plan(lengths, engine.max_num_tokens):
+    for batch in engine.batches(lengths, engine.max_num_tokens):
         chosen = [sequences[i] for i in batch.tolist()]
-        for ids, logits in zip(chosen, engine.run(chosen), strict=True):
+        for ids, logits in zip(chosen, engine.logits(chosen), strict=True):
             table[key(ids)] = logits
     path.write_bytes(pickle.dumps(table, protocol=pickle.HIGHEST_PROTOCOL))
     return path
@@ -55,12 +55,12 @@ class ReplayEngine(Engine):
         table = pickle.loads(Path(os.environ[REPLAY_FILE]).read_bytes())
         return cls(table, precision or "fp32")
 
-    def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         return [self.table[key(ids)] for ids in sequences]
 
     def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
         """Softmax and argmax in numpy, as the CPU engine takes them."""
-        return TokenScores.of_logits(np.concatenate(self.run(sequences)), keep_logits)
+        return TokenScores.of_logits(np.concatenate(self.logits(sequences)), keep_logits)
 
     def close(self) -> None:
         self.table = {}

@@ -1,4 +1,4 @@
-"""`python bench/replay_server.py`: `python -m nerserve.server` whose engine process answers from logits
+"""`python bench/replay_server.py`: `python -m nerserve serve` whose engine process answers from logits
 recorded before the run (replay_engine.py), so a bench measures the server's host capacity alone."""
 
 from __future__ import annotations

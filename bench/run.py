@@ -9,7 +9,7 @@ random weights built on the spot), on the machine this runs on:
 - engine: the engine `engine: auto` picks (ONNX Runtime on CPU, packed PyTorch on CUDA) on
   pre-tokenized CoNLL dev sentences in token-budget batches (its default budget), logits to host;
 - host: tokenization + aggregation ("simple") + orjson encoding, without the engine (scores precomputed);
-- http: `python -m nerserve.server` (its default processes) over localhost HTTP, a closed-loop client
+- http: `python -m nerserve serve` (its default processes) over localhost HTTP, a closed-loop client
   keeping `--connections` requests in flight (bench/load.py), requests of 64 sentences or 8 paragraphs
   (200-400 tokens, joined sentences); single-sentence latency from sequential one-sentence requests.
 Tokens are model tokens with [CLS]/[SEP]. Ratios are to the pipeline's b64 tokens/s (b1 for latency).
@@ -205,20 +205,20 @@ def bench_pipeline(path: Path, sents: list[str], paras: list[str], ntok: dict, s
 
 def bench_engine(engine, seqs: list[np.ndarray], seconds: float, max_num_tokens: int) -> dict:
     lengths = np.array([len(s) for s in seqs])
-    batches = [[seqs[i] for i in b] for b in engine.plan(lengths, max_num_tokens)]
+    batches = [[seqs[i] for i in b] for b in engine.batches(lengths, max_num_tokens)]
     for b in batches[:3]:
-        engine.run(b)
+        engine.logits(b)
     tokens = texts = 0
     start = time.perf_counter()
     for k in range(10**7):
         b = batches[k % len(batches)]
-        engine.run(b)
+        engine.logits(b)
         tokens += sum(len(s) for s in b)
         texts += len(b)
         if time.perf_counter() - start >= seconds and k >= len(batches) - 1:
             break
     el = time.perf_counter() - start
-    n, el1, lat = timed_loop(lambda s: engine.run([s]), seqs[:512], min(seconds, 3.0), 20)
+    n, el1, lat = timed_loop(lambda s: engine.logits([s]), seqs[:512], min(seconds, 3.0), 20)
     return {
         "texts_s": texts / el,
         "tokens_s": tokens / el,
@@ -264,10 +264,10 @@ def bench_http(
     engine: str,
     engine_dir: Path | None = None,
 ) -> dict:
-    """`python -m nerserve.server` (its default workers) under closed-loop load: 64-sentence and 8-paragraph
+    """`python -m nerserve serve` (its default workers) under closed-loop load: 64-sentence and 8-paragraph
     requests, then one sentence at a time (server-side time from x-total-time-ms)."""
     settings = {"checkpoint": str(path), "engine": engine, **({"engine_dir": str(engine_dir)} if engine_dir else {})}
-    server = load.start([sys.executable, "-m", "nerserve.server"], load.server_env(**settings))
+    server = load.start([sys.executable, "-m", "nerserve", "serve"], load.server_env(**settings))
     try:
         info = httpx.get(server.url + "/info").json()
 
@@ -335,13 +335,13 @@ def build_int8(path: Path, out: Path) -> Path:
 
 def bench_model(label: str, path: Path, sents: list[str], args, device: str, engine_dir: Path | None = None) -> dict:
     from nerserve.config import Settings
-    from nerserve.service import NerService
+    from nerserve.service import InProcessService
 
     print(f"[{label}] loading service ({path}{', engine dir ' + str(engine_dir) if engine_dir else ''})", flush=True)
-    service = NerService(
+    service = InProcessService(
         Settings(checkpoint=str(path), engine=args.engine, engine_dir=str(engine_dir) if engine_dir else None)
     )
-    tok = service.tokenizer
+    tok = service.core.tokenizer
     windows = tok.encode(sents, False)
     ntok = {t: sum(len(x.ids) for x in w) for t, w in zip(sents, windows, strict=True)}
     counts = np.array([ntok[t] for t in sents])
@@ -351,9 +351,9 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
     seqs = [x.ids for w in windows for x in w]
     res = {
         "checkpoint": str(path),
-        "engine": service.engine.name,
-        "precision": service.engine.precision,
-        "packed": not service.engine.padded,
+        "engine": service.core.engine.name,
+        "precision": service.core.engine.precision,
+        "packed": not service.core.engine.padded,
         "sentences": len(sents),
         "mean_sentence_tokens": float(counts.mean()),
         "paragraphs": len(paras),
@@ -363,10 +363,10 @@ def bench_model(label: str, path: Path, sents: list[str], args, device: str, eng
         graph = json.loads((engine_dir / "manifest.json").read_text())["parity"]["int8"]
         res["conll_f1"] = {k: graph[k] for k in ("f1_fp32", "f1_int8", "f1_sentences") if k in graph}
     print(f"[{label}] engine {res['engine']} {res['precision']} packed={res['packed']}", flush=True)
-    budget = args.max_num_tokens or service.engine.max_num_tokens
-    res["engine_alone"] = bench_engine(service.engine, seqs, args.seconds, budget)
+    budget = args.max_num_tokens or service.core.engine.max_num_tokens
+    res["engine_alone"] = bench_engine(service.core.engine, seqs, args.seconds, budget)
     print(f"[{label}] engine alone: {res['engine_alone']}", flush=True)
-    logits = run_batched(service.engine, seqs, budget)
+    logits = run_batched(service.core.engine, seqs, budget)
     cursor, scores_of = 0, {}
     for t, w in zip(sents, windows, strict=True):
         scores_of[t] = TokenScores.of_logits(np.concatenate(logits[cursor : cursor + len(w)]), keep_logits=False)

@@ -1,8 +1,8 @@
 """The Truss Model: what `truss.load(".")` runs in-process (and Truss's own server would serve).
 
-Deployed, the image runs `python -m nerserve.server` instead (config.yaml's docker_server: Truss's
-server routes only `predict`, API.md has more routes). Both build the service the same way: the
-settings of config.yaml through `Settings.from_config`, then `NerService`."""
+Deployed, the image runs `python -m nerserve serve` instead (config.yaml's docker_server: Truss's
+server routes only `predict`, API.md has more routes). Both read the settings of config.yaml through
+`Settings.from_config`; this runs the whole path in one process (`InProcessService`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ if _PACKAGES.is_dir() and str(_PACKAGES) not in sys.path:  # Truss bundles packa
 
 from nerserve.config import Settings  # noqa: E402
 from nerserve.schemas import parse_request  # noqa: E402
-from nerserve.service import NerService  # noqa: E402
+from nerserve.service import InProcessService  # noqa: E402
 
 
 class Model:
@@ -25,11 +25,11 @@ class Model:
     def __init__(self, **kwargs: Any) -> None:
         self._config = kwargs.get("config") or {}
         self._secrets = kwargs.get("secrets")
-        self._service: NerService | None = None
+        self._service: InProcessService | None = None
 
     def load(self) -> None:
         """Load checkpoint and engine, and answer one warm-up request."""
-        self._service = NerService(Settings.from_config(self._config, self._secrets))
+        self._service = InProcessService(Settings.from_config(self._config, self._secrets))
         self._service.warm_up()
 
     def predict(self, request: dict) -> list[list[dict]]:

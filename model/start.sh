@@ -2,7 +2,7 @@
 # Start command of the Truss image (config.yaml: docker_server.start_command).
 #
 # Truss lays the image out as /app/config.yaml, /app/model (this folder), /app/data and /packages
-# (packages/ plus build/'s files, so `-m build_engine` is build/build_engine.py). `nerserve.start_plan`
+# (packages/, so `-m nerserve` is the nerserve command). `nerserve.export.startup`
 # decides whether the server gets a TensorRT engine (engine auto or tensorrt, no engine_dir set, a GPU
 # and TensorRT present): the folder shipped in data/engine or the cached one when it fits this
 # checkpoint, GPU, TensorRT, precision and batch budget, else one built here into the engine cache
@@ -28,15 +28,15 @@ if [ -z "${HF_TOKEN:-}" ] && [ -s "$secret" ]; then
 fi
 
 engine_dir="" build_dir="" checkpoint="" precision="" max_num_tokens=""
-plan=$("$PYTHON" -m nerserve.start_plan)
-eval "$plan"
+choice=$("$PYTHON" -m nerserve.export.startup)
+eval "$choice"
 
 if [ -n "$build_dir" ]; then
     # Build beside the target and rename into place, so no replica reads a half-built engine;
     # of concurrent builds of one key, the first to finish is kept.
     tmp=$(mktemp -d "$(dirname "$build_dir")/.build-XXXXXX")
     echo "start.sh: building a TensorRT engine into $build_dir" >&2
-    if "$PYTHON" -m build_engine --checkpoint "$checkpoint" --max-num-tokens "$max_num_tokens" \
+    if "$PYTHON" -m nerserve build-engine --checkpoint "$checkpoint" --max-num-tokens "$max_num_tokens" \
         ${precision:+--precision "$precision"} --out "$tmp"; then
         if [ -e "$build_dir" ]; then rm -rf "$tmp"; else mv "$tmp" "$build_dir"; fi
         engine_dir="$build_dir"
@@ -51,4 +51,4 @@ if [ -n "$engine_dir" ]; then
     export NERSERVE_ENGINE_DIR
 fi
 
-exec "$PYTHON" -m nerserve.server
+exec "$PYTHON" -m nerserve serve

@@ -62,8 +62,9 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory) -> None:
-    """Exports land in a fresh cache per run, so every run really exports and checks."""
-    os.environ["NERSERVE_CACHE"] = str(tmp_path_factory.mktemp("nerserve-cache"))
+    """Exports land in a fresh cache per run, so every run really exports and checks: the derived-artefact
+    cache defaults to HF_HOME/nerserve (Settings.cache_dir), and every server the tests start inherits it."""
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +93,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m nerserve.server` as a real process on a free port. `settings` maps setting names
+    """`python -m nerserve serve` as a real process on a free port. `settings` maps setting names
     (CHECKPOINT, ENGINE, ...) to values, given to the server as NERSERVE_<NAME>. The environment's
     PORT is set to another port, as a platform sets it for its own proxy: the server must not use it."""
 
@@ -100,17 +101,17 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_") or k == "NERSERVE_CACHE"},
+            **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_")},
             "PYTHONPATH": f"{ROOT / 'packages'}",
             "PORT": str(free_port()),
             "NERSERVE_PORT": str(self.port),
             "NERSERVE_CONFIG": str(ROOT / "config.yaml"),
             **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
         }
-        self.log_path = Path(os.environ["NERSERVE_CACHE"]) / f"server-{self.port}.log"
+        self.log_path = Path(os.environ["HF_HOME"]) / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:  # the server keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nerserve.server"], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "nerserve", "serve"], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
             )
 
     def wait_ready(self, timeout: float = 180) -> None:

@@ -1,4 +1,4 @@
-"""The build toolchain: build/build_engine.py, the ONNX exports, manifest checks, TensorRT profiles.
+"""The build toolchain: `nerserve build-engine` (export/build.py), the ONNX exports, manifest checks, TensorRT profiles.
 
 Every export is compared with PyTorch (never with itself), and one test corrupts an exported graph
 to show that the comparison catches it. TensorRT tests skip, saying why, without tensorrt or a GPU."""
@@ -6,7 +6,6 @@ to show that the comparison catches it. TensorRT tests skip, saying why, without
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import shutil
@@ -20,27 +19,17 @@ import pytest
 
 import checkpoints
 import corpus
-from nerserve import manifest as manifest_lib
-from nerserve import onnx_export
 from nerserve.checkpoint import Checkpoint, load_checkpoint
+from nerserve.config import Runtime
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
+from nerserve.export import conll, onnx_export
+from nerserve.export import manifest as manifest_lib
+from nerserve.platform import Platform, current_platform
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "build" / "build_engine.py"
 CONLL = REPO.parent / "shared" / "data" / "conll2003" / "eng.testa"
 MAX_NUM_TOKENS = 1024
-
-
-def _load_script():
-    """build/build_engine.py as a module (it is a script, not part of a package)."""
-    spec = importlib.util.spec_from_file_location("build_engine", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_script = _load_script()
 
 
 @pytest.fixture(scope="session")
@@ -52,13 +41,15 @@ def build_checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
 
 @pytest.fixture(scope="session")
 def cli_builds(build_checkpoints, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """`python build/build_engine.py` run once per kind, side by side (int8 with a short F1 for wordpiece-uncased)."""
+    """`python -m nerserve build-engine` once per kind, side by side (int8 with a short F1 for wordpiece-uncased)."""
     running = {}
     for kind, checkpoint in build_checkpoints.items():
         out = tmp_path_factory.mktemp("engine") / kind
         command = [
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "nerserve",
+            "build-engine",
             "--checkpoint",
             str(checkpoint.path),
             "--out",
@@ -81,7 +72,7 @@ def cli_builds(build_checkpoints, tmp_path_factory) -> dict[str, tuple[subproces
 
 
 def _no_tensorrt_here() -> str | None:
-    platform = manifest_lib.current_platform()
+    platform = current_platform()
     if not platform.has_gpu:
         return "no CUDA GPU on this machine"
     if platform.tensorrt_version is None:
@@ -130,8 +121,8 @@ def test_served_onnx_answers_as_the_checkpoint(cli_builds, build_checkpoints, ki
     assert (engine_kind, path.name, precision) == ("onnx", onnx_export.ORT_OPTIMIZED_NAME, "fp32")
     pad = checkpoint.tokenizer.pad_token_id
     sequences = _sequences(checkpoint)
-    got = OnnxRuntimeEngine(path, pad).run(sequences)
-    want = TorchEngine(checkpoint, device="cpu", precision="fp32").run(sequences)
+    got = OnnxRuntimeEngine(path, pad).logits(sequences)
+    want = TorchEngine(checkpoint, device="cpu", precision="fp32").logits(sequences)
     for served, reference in zip(got, want, strict=True):
         np.testing.assert_allclose(served, reference, atol=1e-4)
 
@@ -177,7 +168,7 @@ def engine_copy(cli_builds, tmp_path) -> Path:
 
 def test_unchanged_dir_is_served(engine_copy, build_checkpoints):
     served = manifest_lib.load_engine_dir(
-        engine_copy, build_checkpoints["wordpiece-cased"], here=manifest_lib.Platform(None, None, None)
+        engine_copy, build_checkpoints["wordpiece-cased"], here=Platform(None, None, None)
     )
     assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32", None, None)
 
@@ -208,7 +199,7 @@ def test_missing_manifest_or_file_is_refused(engine_copy, build_checkpoints):
 def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoints):
     """A (stand-in) plan is served only on the GPU and TensorRT version it was built with."""
     checkpoint = build_checkpoints["wordpiece-cased"]
-    built_on = manifest_lib.Platform("NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
+    built_on = Platform("NVIDIA H100 80GB HBM3", "9.0", "10.13.0")
     (engine_copy / "model.plan").write_bytes(b"stand-in plan")
     manifest_lib.write_manifest(
         engine_copy,
@@ -227,32 +218,32 @@ def test_tensorrt_plan_is_matched_to_gpu_and_version(engine_copy, build_checkpoi
     assert saved["gpu"]["gpu_name"] == built_on.gpu_name and saved["versions"]["tensorrt"] == "10.13.0"
     assert len(saved["profiles"]) == len(profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens))
 
-    def serve(here: manifest_lib.Platform, engine: str = "auto", **asked):
+    def serve(here: Platform, engine: str = "auto", **asked):
         return manifest_lib.load_engine_dir(engine_copy, checkpoint, engine, here=here, **asked)
 
     assert serve(built_on) == ("tensorrt", engine_copy / "model.plan", "fp16", MAX_NUM_TOKENS, None)
-    assert serve(manifest_lib.Platform(None, None, None)).kind == "onnx"
-    assert serve(built_on, "onnxruntime").kind == "onnx"
+    assert serve(Platform(None, None, None)).kind == Runtime.ONNXRUNTIME
+    assert serve(built_on, "onnxruntime").kind == Runtime.ONNXRUNTIME
     with pytest.raises(ValueError, match="built for NVIDIA H100 80GB HBM3 .*this machine has NVIDIA L4"):
         serve(dataclasses.replace(built_on, gpu_name="NVIDIA L4", compute_capability="8.9"))
     with pytest.raises(ValueError, match="built with TensorRT 10.13.0, this machine has TensorRT 11.0.0"):
         serve(dataclasses.replace(built_on, tensorrt_version="11.0.0"))
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        serve(manifest_lib.Platform(None, None, None), "tensorrt")
+        serve(Platform(None, None, None), "tensorrt")
     # The batch budget: a plan's profiles hold the budget it was built for, never more (no batch the plan
     # cannot run: the server's batches would fail with 500s); less is served as asked.
     lowered = serve(built_on, max_num_tokens=4 * MAX_NUM_TOKENS)
     assert lowered.max_num_tokens == MAX_NUM_TOKENS and f"built for max_num_tokens={MAX_NUM_TOKENS}" in lowered.note
     assert serve(built_on, max_num_tokens=MAX_NUM_TOKENS // 2)[3:] == (MAX_NUM_TOKENS // 2, None)
-    assert serve(manifest_lib.Platform(None, None, None), max_num_tokens=4 * MAX_NUM_TOKENS).max_num_tokens == (
+    assert serve(Platform(None, None, None), max_num_tokens=4 * MAX_NUM_TOKENS).max_num_tokens == (
         4 * MAX_NUM_TOKENS  # the ONNX graph has dynamic shapes: any budget
     )
     # The precision: the artefact chosen must be the one asked for.
-    assert serve(built_on, precision="fp16").kind == "tensorrt"
+    assert serve(built_on, precision="fp16").kind == Runtime.TENSORRT
     with pytest.raises(ValueError, match="serves fp16 .* but precision fp32 was asked for"):
         serve(built_on, precision="fp32")
     with pytest.raises(ValueError, match="serves fp32 .* but precision int8 was asked for"):
-        serve(manifest_lib.Platform(None, None, None), precision="int8")
+        serve(Platform(None, None, None), precision="int8")
 
 
 # --- TensorRT profiles ----------------------------------------------------------------------------------
@@ -297,9 +288,9 @@ def test_entity_spans_read_iob1_gold_and_iob2_predictions_alike():
     iob1 = ["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]
     iob2 = ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
     expected = {(0, 2, "PER"), (2, 3, "PER"), (4, 5, "LOC"), (5, 6, "ORG")}
-    assert build_script.entity_spans(iob1) == build_script.entity_spans(iob2) == expected
-    assert build_script.entity_f1([iob1], [iob2]) == 1.0
-    assert build_script.entity_f1([iob1], [["B-PER", "I-PER", "I-PER", "O", "O", "O"]]) == 0.0
+    assert conll.entity_spans(iob1) == conll.entity_spans(iob2) == expected
+    assert conll.entity_f1([iob1], [iob2]) == 1.0
+    assert conll.entity_f1([iob1], [["B-PER", "I-PER", "I-PER", "O", "O", "O"]]) == 0.0
 
 
 # --- TensorRT (GPU machines with the tensorrt package) -----------------------------------------------------
@@ -312,14 +303,15 @@ def test_entity_spans_read_iob1_gold_and_iob2_predictions_alike():
 def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp_path, precision):
     """A plan built here answers as ONNX Runtime and PyTorch do, within its precision's tolerance
     (fp32: 1e-3, which holds only with TF32 cleared), showing its progress and leaving a whole timing cache."""
-    from nerserve.engines.tensorrt_engine import TensorRTEngine, build_engine
+    from nerserve.engines.tensorrt_engine import TensorRTEngine
+    from nerserve.export.tensorrt_build import build_plan
 
     checkpoint = build_checkpoints["bpe"]
     source = onnx_export.export_onnx(checkpoint, tmp_path, precision=precision)
     ladder = profile_ladder(MAX_NUM_TOKENS, checkpoint.max_input_tokens)
     cache = tmp_path / "cache" / "timing.cache"
     lines: list[str] = []
-    plan = build_engine(source, tmp_path, ladder, 1 << 30, cache, precision=precision, report=lines.append)
+    plan = build_plan(source, tmp_path, ladder, 1 << 30, cache, precision=precision, report=lines.append)
     assert cache.stat().st_size > 0 and [p.name for p in cache.parent.iterdir()] == ["timing.cache"]
     assert any(re.fullmatch(r"TensorRT: .+ \(\d+ steps?\)", line) for line in lines), lines
     assert ("TensorRT: fp32 plan, builder flags cleared: TF32" in lines) == (precision == "fp32")
@@ -330,8 +322,8 @@ def test_tensorrt_engine_matches_onnx_runtime(cli_builds, build_checkpoints, tmp
         reference = OnnxRuntimeEngine(cli_builds["bpe"][1] / onnx_export.ORT_OPTIMIZED_NAME, pad)
         got, want = [], []
         for begin in range(0, len(sequences), 2):  # two texts of up to 512 tokens: within MAX_NUM_TOKENS
-            got += engine.run(sequences[begin : begin + 2])
-            want += reference.run(sequences[begin : begin + 2])
+            got += engine.logits(sequences[begin : begin + 2])
+            want += reference.logits(sequences[begin : begin + 2])
         tokens = sum(len(s) for s in sequences)
         agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(got, want, strict=True))
         assert agree / tokens >= 0.99
@@ -346,15 +338,15 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
     """ENGINE_DIR=<built folder> gives the same response lists as the checkpoint's own export."""
     from nerserve.config import Settings
     from nerserve.schemas import parse_request
-    from nerserve.service import NerService
+    from nerserve.service import InProcessService
 
     checkpoint = build_checkpoints["wordpiece-cased"]
     folder = str(cli_builds["wordpiece-cased"][1])
     texts = corpus.texts()[:120]
     # ONNX Runtime on both sides, named: with a GPU and TensorRT the folder also holds an fp16 plan,
     # which engine "auto" serves (plans are compared in test_tensorrt_engine_matches_onnx_runtime)
-    from_dir = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder, engine="onnxruntime"))
-    direct = NerService(Settings(checkpoint=str(checkpoint.path), engine="onnxruntime"))
+    from_dir = InProcessService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder, engine="onnxruntime"))
+    direct = InProcessService(Settings(checkpoint=str(checkpoint.path), engine="onnxruntime"))
     assert from_dir.engine.name == "onnxruntime"
     for strategy in ("none", "simple", "average"):
         request = parse_request({"inputs": texts, "aggregation_strategy": strategy, "truncate": True}, 1000)
@@ -368,9 +360,9 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
     from_dir.close()
     direct.close()
     if _no_tensorrt_here() is None:
-        auto = NerService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder))
+        auto = InProcessService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder))
         assert auto.engine.name == "tensorrt"  # why the comparison above names its engine
         auto.close()
     other = build_checkpoints["wordpiece-uncased"]
     with pytest.raises(ValueError, match="checkpoint"):
-        NerService(Settings(checkpoint=str(other.path), engine_dir=folder))
+        InProcessService(Settings(checkpoint=str(other.path), engine_dir=folder))

@@ -18,7 +18,7 @@ import corpus
 from conftest import real_checkpoint, record
 from nerserve.config import Settings
 from nerserve.schemas import parse_request
-from nerserve.service import NerService
+from nerserve.service import InProcessService
 
 TEXTS = corpus.texts()
 GROUPED = ("simple", "first", "average", "max")
@@ -26,8 +26,8 @@ TOLERANCE = {"torch": 1e-4, "onnxruntime": 1e-3}
 
 
 @functools.cache
-def service(path: str, engine: str) -> NerService:
-    return NerService(Settings(checkpoint=path, engine=engine))
+def service(path: str, engine: str) -> InProcessService:
+    return InProcessService(Settings(checkpoint=path, engine=engine))
 
 
 @functools.cache
@@ -137,12 +137,12 @@ def test_overlong_texts_equal_pipeline_with_stride(built, kind: str) -> None:
     svc = service(path, "onnxruntime")
     for strategy in GROUPED:
         got = ours(path, "onnxruntime", long_texts, aggregation_strategy=strategy, truncate=False)
-        want = oracle(path, strategy, stride=svc.tokenizer.window_stride, texts=tuple(long_texts))
+        want = oracle(path, strategy, stride=svc.core.tokenizer.window_stride, texts=tuple(long_texts))
         items, worst = compare(want, got, long_texts, TOLERANCE["onnxruntime"])
         # whole text read: entities beyond the first window exist
         assert max(a["end"] for a in got[0]) > max(a["end"] for a in oracle(path, strategy, texts=tuple(long_texts))[0])
         record(
-            f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.tokenizer.window_stride}): "
+            f"{kind:18} onnxruntime  {strategy:8} windows (stride {svc.core.tokenizer.window_stride}): "
             f"{len(long_texts)} texts, {items} entities equal, max score diff {worst:.1e}"
         )
 
@@ -157,7 +157,7 @@ def test_overlong_none_reads_every_token_once_from_its_most_central_window(built
     full = tokenizer(text, truncation=False, return_offsets_mapping=True)
     assert [t["token_id"] for t in got] == full["input_ids"]
     assert [(t["start"], t["end"]) for t in got] == [tuple(o) for o in full["offset_mapping"]]
-    stride = svc.tokenizer.window_stride
+    stride = svc.core.tokenizer.window_stride
     windows = tokenizer(
         text, truncation=True, stride=stride, return_overflowing_tokens=True, padding=True, return_tensors="pt"
     )
@@ -208,8 +208,8 @@ def test_128_position_checkpoint_serves_every_strategy_with_defaults(tmp_path) -
     import checkpoints
 
     path = str(checkpoints.build("wordpiece-uncased", tmp_path / "w128", max_length=128))
-    svc = NerService(Settings(checkpoint=path, engine="onnxruntime"))
-    assert svc.tokenizer.window_stride == 63 and svc.info()["window_stride"] == 63
+    svc = InProcessService(Settings(checkpoint=path, engine="onnxruntime"))
+    assert svc.core.tokenizer.window_stride == 63 and svc.info()["window_stride"] == 63
     tokenizer = AutoTokenizer.from_pretrained(path)
     lengths = [len(tokenizer(text)["input_ids"]) for text in TEXTS]
     texts = [t for t, n in zip(TEXTS, lengths, strict=True) if n > 128] + TEXTS[:60]

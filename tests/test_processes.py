@@ -29,9 +29,9 @@ import requests
 import corpus
 from conftest import ROOT, ServerProcess, record
 from nerserve.config import Settings
-from nerserve.scheduler import Job, Scheduler
+from nerserve.engine.core import EngineCore
+from nerserve.engine.scheduler import Job, Scheduler
 from nerserve.scores import TokenScores
-from nerserve.service import NerService
 
 
 def served_by(process: ServerProcess, route: str = "/predict_tokens") -> Counter:
@@ -105,7 +105,7 @@ def test_an_engine_process_killed_outright_ends_the_server(built) -> None:
 def test_a_setting_that_cannot_work_ends_the_server_at_once(built) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "nerserve.server"],
+        [sys.executable, "-m", "nerserve", "serve"],
         env={
             **os.environ,
             "PYTHONPATH": str(ROOT / "packages"),
@@ -120,7 +120,7 @@ def test_a_setting_that_cannot_work_ends_the_server_at_once(built) -> None:
     assert done.returncode == 1 and time.monotonic() - started < 60
     assert last.startswith("nerserve: cannot load the model: ValueError: window_stride 600 must be less than"), last
     bad = subprocess.run(
-        [sys.executable, "-m", "nerserve.server"],
+        [sys.executable, "-m", "nerserve", "serve"],
         env={**os.environ, "PYTHONPATH": str(ROOT / "packages"), "NERSERVE_ENGINE": "tensorflow"},
         capture_output=True,
         text=True,
@@ -165,7 +165,7 @@ def test_a_sentence_waits_for_about_one_batch_behind_a_document(built) -> None:
     """A long document's windows and then a one-sentence request go to the real ONNX Runtime engine with
     a budget of four windows a step: the sentence is answered within two engine batches of its arrival
     (the one running when it came, and its own), long before the document."""
-    service = NerService(Settings(checkpoint=str(built("wordpiece-cased")), engine="onnxruntime", max_num_tokens=2048))
+    service = EngineCore(Settings(checkpoint=str(built("wordpiece-cased")), engine="onnxruntime", max_num_tokens=2048))
     service.scheduler.close()  # this test drives its own scheduler, counting batches
     batches: list[int] = []
     scheduler = Scheduler(service.engine, 0.0, 4096, observe_batch=lambda size, *_: batches.append(size))
@@ -175,7 +175,7 @@ def test_a_sentence_waits_for_about_one_batch_behind_a_document(built) -> None:
     assert len(document) >= 12 and all(len(ids) > 400 for ids in document[:-1])
 
     def job(name: str, sequences: list[np.ndarray]) -> Job:
-        out = TokenScores.empty(sum(len(s) for s in sequences), len(service.frontend.labels), False)
+        out = TokenScores.empty(sum(len(s) for s in sequences), len(service.labels), False)
         return Job(sequences, out, lambda error: finished.append((name, len(batches))))
 
     scheduler.submit(job("document", document))

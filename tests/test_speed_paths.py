@@ -38,10 +38,10 @@ def test_packed_equals_padded_fp32(kind, tmp_path):
     rng = np.random.default_rng(7)
     vocab = len(ck.tokenizer)
     seqs = [rng.integers(5, vocab, size=n).astype(np.int64) for n in (2, 9, 1, 40, 17, 3)]
-    for a, b, s in zip(padded.run(seqs), packed.run(seqs), seqs, strict=True):
+    for a, b, s in zip(padded.logits(seqs), packed.logits(seqs), seqs, strict=True):
         assert b.shape == (len(s), len(ck.labels)) and b.dtype == np.float32
         np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
-    assert packed.run([]) == []
+    assert packed.logits([]) == []
 
 
 def test_cpu_default_stays_padded_fp32(tmp_path):

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from nerserve.engines.tensorrt_engine import (
+from nerserve.engines.tensorrt_engine import check_io, set_batch_shape
+from nerserve.export.tensorrt_build import (
     BuildProgress,
     attach_timing_cache,
-    check_io,
     clear_precision_flags,
-    set_batch_shape,
     tensorrt_progress_monitor,
     write_atomically,
 )

@@ -22,8 +22,9 @@ from packaging.requirements import Requirement
 from truss.base.truss_config import TrussConfig
 
 from conftest import SEED, free_port
-from nerserve import manifest as manifest_lib
 from nerserve.checkpoint import load_checkpoint
+from nerserve.export import manifest as manifest_lib
+from nerserve.platform import Platform
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = (
@@ -46,8 +47,8 @@ SETTINGS = (
 IMAGE_PATHS = {
     "/app/model/start.sh": "model/start.sh",
     "/app/config.yaml": "config.yaml",
-    "/packages/build_engine.py": "packages/build_engine.py",
     "/packages/nerserve/server.py": "packages/nerserve/server.py",
+    "/packages/nerserve/__main__.py": "packages/nerserve/__main__.py",
 }
 
 
@@ -209,13 +210,13 @@ def _platform_start(image: Path, tmp_path: Path, **settings: str) -> tuple[subpr
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("NERSERVE_", "HF_"))},
+        "HF_HOME": os.environ["HF_HOME"],  # the run's fresh cache (conftest): not a token, not a setting
         **{name: moved(str(value)) for name, value in config["environment_variables"].items()},
         "PORT": str(proxy.getsockname()[1]),
         "HOSTNAME": "ner-predict-tokens-7d9f-abcde",
         "NERSERVE_SECRETS_DIR": str(secrets),
         "PYTHON_EXECUTABLE": sys.executable,  # the image's python3
         "NERSERVE_PORT": str(port),  # config.yaml's 8000 may be taken on a test machine
-        "NERSERVE_CACHE": os.environ["NERSERVE_CACHE"],
         **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
     }
     command = moved(config["docker_server"]["start_command"]).split()
@@ -267,14 +268,15 @@ def test_start_command_with_a_checkpoint_that_cannot_load_exits_naming_why(image
 # --- model/start.sh's engine decision, with a simulated GPU ---------------------------------------------
 
 
-GPU = manifest_lib.Platform("NVIDIA H100 80GB HBM3", "9.0", "10.16.1.11")
+GPU = Platform("NVIDIA H100 80GB HBM3", "9.0", "10.16.1.11")
 
 
 @pytest.fixture
 def app(tmp_path) -> Path:
-    """An /app-like folder (config.yaml, model/start.sh) plus a fake `python`: `-m nerserve.server` prints
+    """An /app-like folder (config.yaml, model/start.sh) plus a fake `python`: `-m nerserve serve` prints
     the engine folder it would serve instead of serving; everything else runs for real, with torch seeing
-    an H100 and `tensorrt` importable, and build_engine writing a stand-in plan and a real manifest."""
+    an H100 and `tensorrt` importable, and `-m nerserve build-engine` writing a stand-in plan and a real
+    manifest."""
     app = tmp_path / "app"
     (app / "model").mkdir(parents=True)
     shutil.copy(REPO / "config.yaml", app)
@@ -290,8 +292,10 @@ def app(tmp_path) -> Path:
     (fakes / "build_engine.py").write_text(_FAKE_BUILD.replace("BUILDS_LOG", repr(str(tmp_path / "builds.log"))))
     python = tmp_path / "python"
     python.write_text(
-        '#!/bin/sh\nif [ "$1 $2" = "-m nerserve.server" ]; then\n'
+        '#!/bin/sh\nif [ "$1 $2 $3" = "-m nerserve serve" ]; then\n'
         '  echo "ENGINE_DIR=${NERSERVE_ENGINE_DIR:-}"; exit 0\nfi\n'
+        'if [ "$1 $2 $3" = "-m nerserve build-engine" ]; then\n'
+        f'  shift 3; exec {sys.executable} {fakes / "build_engine.py"} "$@"\nfi\n'
         f'exec {sys.executable} "$@"\n'
     )
     python.chmod(0o755)
@@ -301,8 +305,9 @@ def app(tmp_path) -> Path:
 # The fake build: logs its arguments, writes a stand-in plan and ONNX, and the manifest the real build writes.
 _FAKE_BUILD = """
 import argparse, json, pathlib, sys
-from nerserve import manifest
+from nerserve.export import manifest
 from nerserve.checkpoint import load_checkpoint
+from nerserve.platform import current_platform
 p = argparse.ArgumentParser()
 p.add_argument("--checkpoint"); p.add_argument("--precision")
 p.add_argument("--max-num-tokens", type=int); p.add_argument("--out", type=pathlib.Path)
@@ -311,7 +316,7 @@ open(BUILDS_LOG, "a").write(json.dumps(sys.argv[1:]) + "\\n")
 for name in ("model.plan", "model.ort.onnx"):
     (a.out / name).write_bytes(b"stand-in " + name.encode())
 manifest.write_manifest(a.out, load_checkpoint(a.checkpoint), None, precision=a.precision or "fp16",
-    max_num_tokens=a.max_num_tokens, platform=manifest.current_platform(),
+    max_num_tokens=a.max_num_tokens, platform=current_platform(),
     artefacts={"onnxruntime": {"file": "model.ort.onnx", "precision": "fp32"},
                "tensorrt": {"file": "model.plan", "precision": a.precision or "fp16"}})
 """
@@ -322,7 +327,6 @@ def _start(app: Path, gpu: bool = True, **settings: str) -> tuple[str, list[list
     root = app.parent
     environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_")},
-        "NERSERVE_CACHE": os.environ["NERSERVE_CACHE"],
         "PYTHON_EXECUTABLE": str(root / "python"),
         "NERSERVE_ENGINE_CACHE_DIR": str(root / "cache"),
         "PYTHONPATH": os.pathsep.join([*([str(root / "fakes")] if gpu else []), str(REPO / "packages")]),
@@ -354,7 +358,7 @@ def test_start_uses_a_fitting_engine_shipped_in_data(app, built, tmp_path):
     checkpoint = built("wordpiece-cased")
     shipped = app / "data" / "engine"
 
-    def ship(platform: manifest_lib.Platform, max_num_tokens: int = 16384, precision: str = "fp16") -> None:
+    def ship(platform: Platform, max_num_tokens: int = 16384, precision: str = "fp16") -> None:
         shutil.rmtree(shipped, ignore_errors=True)
         shipped.mkdir(parents=True)
         for name in ("model.plan", "model.ort.onnx"):

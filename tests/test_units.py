@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from nerserve.batching import plan_batches
 from nerserve.config import Settings
+from nerserve.engines.batching import budget_batches
 from nerserve.errors import Empty, Invalid, PayloadTooLarge
 from nerserve.schemas import parse_request
-from nerserve.service import NerService
+from nerserve.service import InProcessService
 
 
 @pytest.mark.parametrize("padded", [True, False])
-def test_plan_batches_respects_budget_and_covers_everything(padded: bool) -> None:
+def test_budget_batches_respects_budget_and_covers_everything(padded: bool) -> None:
     rng = np.random.default_rng(0)
     for _ in range(200):
         lengths = rng.integers(1, 512, size=rng.integers(1, 300))
         budget = int(rng.integers(512, 20000))
         min_fill = float(rng.choice([0.0, 0.5, 0.9]))
-        batches = plan_batches(lengths, budget, padded, min_fill)
+        batches = budget_batches(lengths, budget, padded, min_fill)
         seen = np.concatenate(batches)
         assert sorted(seen.tolist()) == list(range(len(lengths)))
         for batch in batches:
@@ -38,13 +38,13 @@ def test_plan_batches_respects_budget_and_covers_everything(padded: bool) -> Non
             assert seen.tolist() == list(range(len(lengths)))  # packed: in order, so requests finish in order
 
 
-def test_plan_batches_fills_the_budget() -> None:
-    batches = plan_batches(np.array([100] * 10 + [50] * 10), 400, padded=True)
+def test_budget_batches_fills_the_budget() -> None:
+    batches = budget_batches(np.array([100] * 10 + [50] * 10), 400, padded=True)
     assert [len(b) for b in batches] == [4, 4, 4, 8]  # a batch of 2x100 + 2x50 costs 4x100
-    bounded = plan_batches(np.array([100] * 10 + [50] * 10), 400, padded=True, min_fill=0.8)
+    bounded = budget_batches(np.array([100] * 10 + [50] * 10), 400, padded=True, min_fill=0.8)
     assert [len(b) for b in bounded] == [4, 4, 2, 8, 2]  # 50 < 0.8 x 100: no 100s padded with 50s
     with pytest.raises(ValueError, match="exceeds max_num_tokens"):
-        plan_batches(np.array([600]), 512, padded=True)
+        budget_batches(np.array([600]), 512, padded=True)
 
 
 def test_settings_environment_overrides_metadata() -> None:
@@ -87,7 +87,7 @@ def test_parse_request_normalizes_and_refuses() -> None:
 
 def test_max_num_tokens_below_max_input_length_is_refused(built) -> None:
     with pytest.raises(ValueError, match="max_num_tokens=100 is below"):
-        NerService(Settings(checkpoint=str(built("wordpiece-uncased")), engine="onnxruntime", max_num_tokens=100))
+        InProcessService(Settings(checkpoint=str(built("wordpiece-uncased")), engine="onnxruntime", max_num_tokens=100))
 
 
 def test_checkpoint_without_labels_or_fast_tokenizer_is_refused(built, tmp_path) -> None:
@@ -99,7 +99,7 @@ def test_checkpoint_without_labels_or_fast_tokenizer_is_refused(built, tmp_path)
     (no_fast / "tokenizer.json").unlink()
     (no_fast / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchSlowTokenizer"}))
     with pytest.raises(ValueError, match="fast tokenizer"):
-        NerService(Settings(checkpoint=str(no_fast), engine="onnxruntime"))
+        InProcessService(Settings(checkpoint=str(no_fast), engine="onnxruntime"))
     no_labels = tmp_path / "no-labels"
     shutil.copytree(source, no_labels)
     config = json.loads((no_labels / "config.json").read_text())
@@ -108,11 +108,11 @@ def test_checkpoint_without_labels_or_fast_tokenizer_is_refused(built, tmp_path)
     config["num_labels"] = 0
     (no_labels / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="id2label"):
-        NerService(Settings(checkpoint=str(no_labels), engine="onnxruntime"))
+        InProcessService(Settings(checkpoint=str(no_labels), engine="onnxruntime"))
 
 
 def test_window_stride_fits_the_model() -> None:
-    from nerserve.tokenization import window_stride_for
+    from nerserve.text.tokenization import window_stride_for
 
     assert window_stride_for(510, None) == 128  # BERT's 512 positions
     assert window_stride_for(126, None) == 63  # a 128-position model: half its window
@@ -123,8 +123,7 @@ def test_window_stride_fits_the_model() -> None:
 
 
 def test_a_gpu_that_pytorch_cannot_use_is_named() -> None:
-    from nerserve.engines import cuda_unusable_reason
-    from nerserve.process import nvidia_devices
+    from nerserve.platform import cuda_unusable_reason, nvidia_devices
 
     assert cuda_unusable_reason([], False, "2.13.0+cpu", None, None) is None  # no GPU: the CPU, by design
     assert cuda_unusable_reason(["nvidia0"], True, "2.13.0", "12.8", "NVRM 570.86") is None
@@ -179,14 +178,32 @@ def test_transport_messages_and_blocks_round_trip() -> None:
     import mmap
 
     from nerserve.errors import Overloaded
-    from nerserve.transport import CANCEL, DONE, SUBMIT, Block, Submit, decode, encode_cancel, encode_done
+    from nerserve.http.responses import error_response
+    from nerserve.transport import (
+        CANCEL,
+        DONE,
+        SUBMIT,
+        Block,
+        Hello,
+        Setup,
+        Submit,
+        decode,
+        decode_handshake,
+        encode_cancel,
+        encode_done,
+    )
 
     submit = Submit(7, 3, 12, 4096, True)
     assert decode(submit.encode()) == (SUBMIT, submit) and len(submit.encode()) == 26
     assert decode(encode_cancel(7)) == (CANCEL, 7)
     assert decode(encode_done(7, None)) == (DONE, (7, None)) and len(encode_done(7, None)) == 10
-    kind, (job, error) = decode(encode_done(8, Overloaded("queue full", headers={"Retry-After": "1"})))
-    assert (kind, job, error.status, error.message, error.headers) == (DONE, 8, 429, "queue full", {"Retry-After": "1"})
+    kind, (job, error) = decode(encode_done(8, Overloaded("queue full")))
+    assert (kind, job, type(error), error.message) == (DONE, 8, Overloaded, "queue full")
+    response = error_response(error)  # the kind crosses processes; HTTP's status and headers are the worker's
+    assert (response.status_code, response.headers["retry-after"]) == (429, "1")
+    assert decode_handshake(Hello(41).encode(), Hello) == Hello(41)
+    with pytest.raises(ValueError, match="expected a Setup"):
+        decode_handshake(Hello(41).encode(), Setup)
     buffer = mmap.mmap(-1, 1 << 16)
     written = Block.at(buffer, 128, 3, 12, 9, True)
     written.lengths[:] = [5, 4, 3]
@@ -198,7 +215,7 @@ def test_transport_messages_and_blocks_round_trip() -> None:
 
 
 def test_water_fill_gives_small_needs_all_and_splits_the_rest() -> None:
-    from nerserve.scheduler import water_fill
+    from nerserve.engine.scheduler import water_fill
 
     assert water_fill([10, 5000, 5000], 4096) == [10, 2043, 2043]
     assert water_fill([100, 200], 4096) == [100, 200]
@@ -206,7 +223,7 @@ def test_water_fill_gives_small_needs_all_and_splits_the_rest() -> None:
 
 
 def test_workers_default_to_the_cores_only_beside_a_gpu(tmp_path) -> None:
-    from nerserve.process import default_workers
+    from nerserve.server import default_workers
 
     assert default_workers("auto", 16, ["nvidia0"]) == 16  # the host is the bound
     assert default_workers("auto", 16, []) == 1  # the CPU engine needs every core
@@ -216,7 +233,7 @@ def test_workers_default_to_the_cores_only_beside_a_gpu(tmp_path) -> None:
 def test_usable_cores_follow_the_container_quota(tmp_path) -> None:
     import os
 
-    from nerserve.process import usable_cores
+    from nerserve.platform import usable_cores
 
     quota = tmp_path / "cpu.max"
     quota.write_text("150000 100000\n")

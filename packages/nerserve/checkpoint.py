@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers is imported where a checkpoint is loaded: the processes that import this
+    # module only for its types (the supervisor, a worker) stay free of it and of torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ _OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer", 
 class Checkpoint:
     """A resolved checkpoint on local disk."""
 
+    #: what people see (/info's model_id, manifests, logs): the hub id, or a local folder's name
     name: str
     path: Path
     config: PretrainedConfig
@@ -146,6 +149,8 @@ def load_checkpoint(
     name: str, revision: str | None = None, token: str | None = None, mounts: Mapping[str, str] | None = None
 ) -> Checkpoint:
     """Resolve, then load config and fast tokenizer; refuse what the server cannot serve."""
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
     path = resolve_path(name, revision, token, mounts)
     config = AutoConfig.from_pretrained(path)
     try:
@@ -163,7 +168,7 @@ def load_checkpoint(
     if not labels:
         raise ValueError(f"checkpoint {name!r} has no id2label in config.json: not a token classifier")
     return Checkpoint(
-        name=name,
+        name=path.name if Path(name).expanduser().is_dir() else name,
         path=path,
         config=config,
         tokenizer=tokenizer,
@@ -171,11 +176,3 @@ def load_checkpoint(
         max_input_tokens=max_input_tokens(config, tokenizer),
         sha256=checkpoint_sha256(path),
     )
-
-
-def cache_root() -> Path:
-    """Where derived artefacts (exported ONNX) live: beside the hub cache."""
-    base = os.environ.get("NERSERVE_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.join(Path.home(), ".cache", "huggingface")), "nerserve"
-    )
-    return Path(base)

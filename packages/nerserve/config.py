@@ -9,6 +9,7 @@ proxy's port. `HF_TOKEN` is read as well, because that is the name huggingface_h
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import types
 import typing
@@ -22,19 +23,36 @@ ENV_PREFIX = "NERSERVE_"
 #: where config.yaml is: NERSERVE_CONFIG (the image sets /app/config.yaml), else the working directory's
 CONFIG_VARIABLE = "NERSERVE_CONFIG"
 DEFAULT_CHECKPOINT = "dslim/bert-base-NER-uncased"
-ENGINES = ("auto", "tensorrt", "torch", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: the `engine` setting that lets the server choose the runtime (engines/selection.py)
+AUTO = "auto"
+#: the end of the shutdown window left to the engine process, once the workers have drained
+ENGINE_STOP_S = 1.0
+
+
+class Runtime(enum.StrEnum):
+    """The runtimes an engine can run on: the names of the `engine` setting (with `auto`), of /info's
+    `engine`, and of an engine folder's artefacts."""
+
+    TENSORRT = "tensorrt"
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+
+
+ENGINES = (AUTO, *Runtime)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob of API.md's Configuration section, with its default. None means "decided at load
-    time from the model and the machine" (the engine's batch budget, the window overlap, the
-    number of front-end processes)."""
+    """Every setting, with its default: API.md's Configuration section and the engine's and caches'
+    knobs; nothing else in the package reads a `NERSERVE_*` variable (config.yaml's own location,
+    NERSERVE_CONFIG, is read by `config_path` before the settings exist). None means "decided at load
+    time from the model and the machine" (the engine's batch budget, the window overlap, the number of
+    front-end processes)."""
 
     checkpoint: str = DEFAULT_CHECKPOINT
     revision: str | None = None
-    engine: str = "auto"  # auto | tensorrt | torch | onnxruntime
+    engine: str = AUTO  # auto, or a Runtime
     engine_dir: str | None = None
     precision: str | None = None  # fp32 | fp16 | bf16 | int8; None: the engine's default
     max_num_tokens: int | None = None  # tokens of one engine batch; None: the engine's measured default
@@ -55,6 +73,14 @@ class Settings:
     port: int = 8000
     log_level: str = "INFO"
     hf_token: str | None = None
+    #: torch engine: True runs packed batches (no padding), False the HF module padded; None: packed on CUDA
+    packed: bool | None = None
+    #: torch engine on CUDA: capture each token bucket's forward as a CUDA graph
+    cuda_graphs: bool = True
+    #: derived artefacts (exported ONNX, TensorRT timing caches); None: beside the hub cache (HF_HOME)
+    cache: str | None = None
+    #: where the container's start builds TensorRT engines; None: b10cache where writable (export/startup.py)
+    engine_cache_dir: str | None = None
     #: {"owner/repo@revision": folder} that Truss's `weights` mount (config.yaml), not a model_metadata setting
     mounts: Mapping[str, str] = dataclasses.field(default_factory=dict, metadata={"config_yaml": "weights"})
 
@@ -111,6 +137,18 @@ class Settings:
                 f"shutdown_grace_s ({self.shutdown_grace_s}) must be at least 0 and less than shutdown_timeout_s "
                 f"({self.shutdown_timeout_s}): the drain happens inside the timeout"
             )
+
+    @property
+    def workers_stop_s(self) -> float:
+        """The part of the shutdown window the workers have to drain in; the engine process stops in the rest."""
+        return self.shutdown_timeout_s - ENGINE_STOP_S
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where derived artefacts live: `cache`, else beside the hub cache (HF_HOME is huggingface_hub's own)."""
+        if self.cache:
+            return Path(self.cache)
+        return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "nerserve"
 
 
 def mounted_weights(config: Mapping[str, Any]) -> dict[str, str]:

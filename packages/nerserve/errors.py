@@ -1,18 +1,18 @@
-"""The API's error kinds: each maps to one HTTP status and one `error_type` (API.md, Errors)."""
+"""The API's error kinds, as the core raises them: a message and an `error_type`, nothing of HTTP.
+`http/responses.py` is the one place that maps each kind to its status and headers (API.md, Errors),
+as text-embeddings-inference maps its ErrorType to a StatusCode in one `From` impl."""
 
 from __future__ import annotations
 
 
 class ApiError(Exception):
-    """An answer the client gets as `{"error": message, "error_type": kind}` with `status`."""
+    """An answer the client gets as `{"error": message, "error_type": kind}`."""
 
-    status = 500
     kind = "Backend"
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": self.kind}
@@ -21,25 +21,25 @@ class ApiError(Exception):
 class BadRequest(ApiError):
     """Not JSON, invalid UTF-8, wrong content type."""
 
-    status, kind = 400, "Validation"
+    kind = "Validation"
 
 
 class Unauthorized(ApiError):
     """An API key is configured and the request's is missing or wrong."""
 
-    status, kind = 401, "Unauthorized"
+    kind = "Unauthorized"
 
 
 class PayloadTooLarge(ApiError):
     """The body or the number of texts is over its configured limit."""
 
-    status, kind = 413, "Validation"
+    kind = "Validation"
 
 
 class Invalid(ApiError):
     """A well-formed JSON body that breaks the request schema."""
 
-    status, kind = 422, "Validation"
+    kind = "Validation"
 
 
 class Empty(Invalid):
@@ -51,28 +51,28 @@ class Empty(Invalid):
 class Overloaded(ApiError):
     """The queue is full; nothing of the request was started, so retrying is safe."""
 
-    status, kind = 429, "Overloaded"
+    kind = "Overloaded"
 
 
 class Unhealthy(ApiError):
     """Not ready yet (loading, warming up) or draining for shutdown."""
 
-    status, kind = 503, "Unhealthy"
+    kind = "Unhealthy"
 
 
 class Timeout(ApiError):
     """The request outlived request_timeout_s; the scheduler skips its remaining work."""
 
-    status, kind = 504, "Timeout"
+    kind = "Timeout"
 
 
 class Cancelled(ApiError):
     """The request was given up (its client went away or it timed out) before the engine finished it."""
 
-    status, kind = 499, "Cancelled"
+    kind = "Cancelled"
 
 
-class Backend(ApiError):
+class EngineFailure(ApiError):
     """The engine failed on a batch holding this request's texts; the server goes on."""
 
-    status, kind = 500, "Backend"
+    kind = "Backend"

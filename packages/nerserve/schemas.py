@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from .aggregation import STRATEGIES
 from .errors import Empty, Invalid, PayloadTooLarge
+from .text.aggregation import STRATEGIES
 
 Strategy = Literal["none", "simple", "first", "average", "max"]
 Direction = Literal["right", "left"]

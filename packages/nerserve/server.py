@@ -1,10 +1,11 @@
-"""`python -m nerserve.server`: the HTTP server, as a supervisor over one engine process and N front-end
-worker processes (the layout of vLLM's API servers in front of one engine core, and of
+"""The HTTP server (`nerserve serve`), as a supervisor over one engine process and N front-end worker
+processes (the layout of vLLM's API servers in front of one engine core, and of
 text-embeddings-inference's tokenizer workers in front of one backend).
 
-- The supervisor reads the settings (config.yaml's model_metadata under NERSERVE_* variables), binds
-  the port itself, and starts the engine process (engine_process.py: the model, the device, the one
-  scheduler that batches every worker's requests) and the workers (worker.py: HTTP, validation,
+- The supervisor is handed the settings and the two processes' entry points (cli.py hands it
+  `engine.process.serve_engine` and `http.worker.serve_worker`; it imports neither the model stack nor
+  the web framework itself). It binds the port, and starts the engine process (the model, the device,
+  the one scheduler that batches every worker's requests) and the workers (HTTP, validation,
   tokenization, aggregation, encoding), who share the listening socket and reach the engine process
   over a Unix socket with shared memory beside it (transport.py).
 - A model that cannot load ends the server within seconds with a non-zero status, its last line
@@ -28,28 +29,42 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import Settings, config_path, read_config
+from .config import ENGINE_STOP_S, Runtime, Settings
 from .metrics import MULTIPROC_DIR, process_gone
-from .process import ENGINE_STOP_S, default_workers, nvidia_devices, run_engine, run_worker, usable_cores
+from .platform import nvidia_devices, usable_cores
 
-if TYPE_CHECKING:  # the supervisor never imports the model stack itself
-    from .service import EngineLoader
+log = logging.getLogger(__name__)
+#: a spawned process's entry point: a module-level function, as the child imports it by name
+Target = Callable[..., None]
 
-log = logging.getLogger("nerserve")
+
+def default_workers(engine: str, cores: int, gpus: list[str]) -> int:
+    """Front-end workers where the setting leaves it open: one per core when the engine runs on a GPU
+    (the host's work is then the bound), one when it runs on the CPU, where the model needs every core
+    and a second worker adds a process and buys nothing (bench/results/2026-11-27-AMD-EPYC-host.md
+    measures both)."""
+    on_gpu = bool(gpus) and engine != Runtime.ONNXRUNTIME
+    return cores if on_gpu else 1
 
 
 class Supervisor:
     """Starts, watches and stops the engine process and the workers."""
 
-    def __init__(self, settings: Settings, engine_loader: EngineLoader | None = None) -> None:
-        """`engine_loader`, where given, is how the engine process makes its engine (a module-level
-        function, as the spawned process imports it by name); None: NerService's default."""
+    def __init__(
+        self, settings: Settings, engine_target: Target, worker_target: Target, engine_loader: Callable | None = None
+    ) -> None:
+        """`engine_target(settings, address, authkey, status, engine_loader)` and
+        `worker_target(settings, socket, address, authkey)` are the processes' entry points;
+        `engine_loader`, where given, is how the engine process makes its engine (module-level, as
+        the targets); None: the runtime the settings choose."""
         self.settings = settings
+        self.engine_target, self.worker_target = engine_target, worker_target
         self.engine_loader = engine_loader
         self.workers_wanted = settings.workers or default_workers(settings.engine, usable_cores(), nvidia_devices())
         self.spawn = multiprocessing.get_context("spawn")
@@ -59,7 +74,7 @@ class Supervisor:
         self.workers: dict[int, BaseProcess] = {}  # sentinel -> process
         self._wake_read, self._wake_write = os.pipe()
 
-    def run(self) -> int:
+    def serve(self) -> int:
         """Serve until a signal (0) or a failure (1); the last line written says which."""
         (self.folder / "metrics").mkdir()
         os.environ[MULTIPROC_DIR] = str(self.folder / "metrics")  # the children inherit it
@@ -71,7 +86,7 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         status_read, status_write = self.spawn.Pipe(duplex=False)
         engine = self.spawn.Process(
-            target=run_engine,
+            target=self.engine_target,
             args=(self.settings, self.address, self.authkey, status_write, self.engine_loader),
             name="nerserve-engine",
         )
@@ -103,7 +118,9 @@ class Supervisor:
 
     def _start_worker(self, listening: socket.socket) -> None:
         process = self.spawn.Process(
-            target=run_worker, args=(self.settings, listening, self.address, self.authkey), name="nerserve-worker"
+            target=self.worker_target,
+            args=(self.settings, listening, self.address, self.authkey),
+            name="nerserve-worker",
         )
         process.start()
         self.workers[process.sentinel] = process
@@ -156,7 +173,7 @@ class Supervisor:
         """Stop the workers, then the engine process, killing what outlives the shutdown window. With
         `drain`, the workers get SIGTERM: 503 to new requests for `shutdown_grace_s`, then they finish what
         they accepted; without (a model that never loaded: nothing was accepted) they are killed at once."""
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s - ENGINE_STOP_S
+        deadline = time.monotonic() + self.settings.workers_stop_s
         for process in self.workers.values():
             _signal(process, signal.SIGTERM if drain else signal.SIGKILL)
         for process in self.workers.values():
@@ -181,17 +198,3 @@ class Supervisor:
 def _signal(process: BaseProcess, signum: int) -> None:
     if process.pid is not None and process.is_alive():
         os.kill(process.pid, signum)
-
-
-def main() -> None:
-    try:
-        settings = Settings.from_config(read_config(config_path()))
-    except ValueError as error:
-        print(f"nerserve: cannot start: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
-    sys.exit(Supervisor(settings).run())
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,12 @@ process reads the ids in place, writes labels, probabilities (and logits) in pla
 through a pipe (`bench/transport.py` measures the two). The block stays the worker's: it is reused
 only after the engine's DONE, the promise that the engine will not write it again.
 
-Messages go over `multiprocessing.connection` (length-prefixed frames on a Unix socket):
+Messages go over `multiprocessing.connection` (length-prefixed frames on a Unix socket). First the
+handshake, once per worker:
+    Hello (pickled)                                                    worker -> engine: its pid
+    the arena's file descriptor (SCM_RIGHTS)                           worker -> engine
+    Setup (pickled), once the model is loaded                          engine -> worker: tokenizer, labels, /info
+then, per request:
     S job_id:u64 sequences:u32 tokens:u32 offset:u64 keep_logits:u8   worker -> engine
     C job_id:u64                                                       worker -> engine: cancel
     D job_id:u64 status:u8 [pickled ApiError when status is 1]         engine -> worker"""
@@ -26,11 +31,13 @@ import mmap
 import os
 import pickle
 import struct
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import ApiError
 from .scores import TokenScores
+from .text.tokenization import TextTokenizer
 
 SUBMIT, CANCEL, DONE = b"S", b"C", b"D"
 _SUBMIT = struct.Struct("<QIIQB")
@@ -42,6 +49,40 @@ ALIGN = 64
 #: large ones). The largest request a 4 MiB body can make (a token per byte, windows overlapping, 9
 #: labels' logits) needs about 260 MiB; one that would not fit is refused with 413.
 ARENA_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    """The worker's first message: who it is (the engine process logs it and cancels its jobs when it goes)."""
+
+    pid: int
+
+    def encode(self) -> bytes:
+        return pickle.dumps(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the engine process sends a worker once its model is ready: all it needs to tokenize,
+    aggregate and answer /info on its own."""
+
+    tokenizer: TextTokenizer
+    labels: tuple[str, ...]
+    info: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return pickle.dumps(self)
+
+
+Handshake = TypeVar("Handshake", Hello, Setup)
+
+
+def decode_handshake(message: bytes, kind: type[Handshake]) -> Handshake:
+    """A Hello or Setup from its bytes, refusing anything else (a peer of another version)."""
+    value = pickle.loads(message)
+    if not isinstance(value, kind):
+        raise ValueError(f"expected a {kind.__name__} in the handshake, got {type(value).__name__}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,19 +13,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..batching import plan_batches
+from ..config import Runtime
 from ..scores import TokenScores
+from .batching import budget_batches
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
-    from ..manifest import EngineArtefact
+    from ..config import Settings
+    from ..export.manifest import EngineArtefact
 
 
 class Engine(abc.ABC):
     """A loaded model that turns token ids into label logits."""
 
-    #: runtime name shown in /info ("onnxruntime", "torch", "tensorrt")
-    name: str = ""
+    #: the runtime, as /info shows it
+    name: Runtime
     #: numeric precision the weights run in ("fp32", "fp16", "bf16", "int8")
     precision: str = "fp32"
     #: True when a batch costs batch_size x longest tokens (padding), False when it costs the sum
@@ -46,15 +48,16 @@ class Engine(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> Engine:
-        """This runtime for `checkpoint`, from the built engine folder's `artefact` where one is served."""
+    def load(cls, checkpoint: Checkpoint, settings: Settings, artefact: EngineArtefact | None) -> Engine:
+        """This runtime for `checkpoint` with the settings' precision (and the runtime's own knobs), from the
+        built engine folder's `artefact` where one is served."""
 
-    def plan(self, lengths: np.ndarray, max_num_tokens: int) -> list[np.ndarray]:
+    def batches(self, lengths: np.ndarray, max_num_tokens: int) -> list[np.ndarray]:
         """Token-budget batches (indices into `lengths`) priced by this engine's cost model."""
-        return plan_batches(lengths, max_num_tokens, self.padded, self.min_fill)
+        return budget_batches(lengths, max_num_tokens, self.padded, self.min_fill)
 
     @abc.abstractmethod
-    def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         """Logits (float32, shape [len(seq), num_labels]) for each int64 id sequence, in order."""
 
     @abc.abstractmethod

@@ -7,27 +7,28 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..process import usable_cores
+from ..config import Runtime
+from ..platform import usable_cores
 from ..scores import TokenScores
 from .base import Engine, pad_batch, per_sequence
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
-    from ..manifest import EngineArtefact
+    from ..config import Settings
+    from ..export.manifest import EngineArtefact
 
 
 class OnnxRuntimeEngine(Engine):
     """Runs an exported (and checked) ONNX graph with all graph optimizations and one thread per core this
     process may use (a container's CPU quota, not the host's core count)."""
 
-    name = "onnxruntime"
+    name = Runtime.ONNXRUNTIME
     padded = True
     min_fill = 0.9  # on CPU a small batch costs little extra; padding costs in full
     #: On CPU, throughput does not grow with the batch (the scheduler's pool of several budgets already
     #: groups sequences of even length) while a batch's time does, and a request arriving waits for about
-    #: one batch. `bench/budget.py` (minilm, one worker, 2-core EPYC), texts/s and mean batch ms for
-    #: sentences / paragraphs: 1024: 341, 83 / 17.4, 131; 4096: 314, 117 / 17.1, 562; 16384: 317, 123 /
-    #: 15.5, 1178. 1024 (the model's window is at most 512) is the smallest within 5% of the best on both.
+    #: one batch: 1024 (the model's window is at most 512) was the smallest budget within 5% of the best
+    #: on sentences and paragraphs (`bench/budget.py`; figures in docs/speed.md, "CPU budget").
     default_max_num_tokens = 1024
 
     def __init__(self, onnx_path: Path, pad_id: int, precision: str = "fp32") -> None:
@@ -43,20 +44,20 @@ class OnnxRuntimeEngine(Engine):
         self.precision = precision
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> OnnxRuntimeEngine:
+    def load(cls, checkpoint: Checkpoint, settings: Settings, artefact: EngineArtefact | None) -> OnnxRuntimeEngine:
         """The folder's graph, or the checkpoint's own checked export (float32: int8 comes from a build)."""
         if artefact is not None:
             return cls(artefact.path, pad_id=checkpoint.pad_id, precision=artefact.precision)
-        if precision not in (None, "fp32"):
+        if settings.precision not in (None, "fp32"):
             raise ValueError(
-                f"onnxruntime serves the checkpoint in fp32; precision {precision} needs an engine_dir built "
-                "with it (`make build-engine PRECISION=int8`)"
+                f"onnxruntime serves the checkpoint in fp32; precision {settings.precision} needs an engine_dir "
+                "built with it (`make build-engine PRECISION=int8`)"
             )
-        from ..onnx_export import cached_onnx
+        from ..export.onnx_export import cached_onnx
 
-        return cls(cached_onnx(checkpoint), pad_id=checkpoint.pad_id)
+        return cls(cached_onnx(checkpoint, settings.cache_dir), pad_id=checkpoint.pad_id)
 
-    def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         return per_sequence(self._real_logits(sequences), sequences)
 
     def classify(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:

@@ -17,13 +17,13 @@ that to check the packing against the HF module at float32 tolerance."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..manifest import EngineArtefact
+from ..config import Runtime, Settings
+from ..export.manifest import EngineArtefact
 from ..scores import TokenScores
 from .base import Engine, pad_batch, per_sequence, scores_of_tensor
 
@@ -217,7 +217,7 @@ class _Graph:
 class TorchEngine(Engine):
     """The checkpoint's own PyTorch module: padded batches on CPU, packed CUDA-graph batches on CUDA."""
 
-    name = "torch"
+    name = Runtime.TORCH
     padded = True
 
     def __init__(
@@ -226,7 +226,7 @@ class TorchEngine(Engine):
         device: str | None = None,
         precision: str | None = None,
         packed: bool | None = None,
-        graphs: bool | None = None,
+        graphs: bool = True,
         max_graph_tokens: int | None = None,
     ) -> None:
         import torch
@@ -247,8 +247,7 @@ class TorchEngine(Engine):
         self._encoder: PackedEncoder | None = None
         self._graphs: list[_Graph] = []
         if packed is None:  # auto: packed on CUDA in half precision where Flash varlen attention exists
-            env = os.environ.get("NERSERVE_PACKED", "").lower()
-            packed = cuda and self.precision != "fp32" and varlen_attention() is not None and env not in ("0", "false")
+            packed = cuda and self.precision != "fp32" and varlen_attention() is not None
         why_not = supports_packing(model) if packed else None
         if packed and why_not:
             log.warning("torch engine: packed path off (%s); padded batches", why_not)
@@ -257,7 +256,7 @@ class TorchEngine(Engine):
             with torch.inference_mode():
                 self._encoder = PackedEncoder(model, checkpoint.position_offset, torch, dtype, self.device)
                 try:  # one tiny packed batch first: a torch whose varlen kernel refuses falls back to padded
-                    self.run([np.array([self._pad_id] * 3, np.int64), np.array([self._pad_id] * 5, np.int64)])
+                    self.logits([np.array([self._pad_id] * 3, np.int64), np.array([self._pad_id] * 5, np.int64)])
                 except Exception as error:
                     log.warning(
                         "torch engine: packed path failed its smoke test (%s: %s); padded batches",
@@ -270,8 +269,6 @@ class TorchEngine(Engine):
             self.padded = False
             self._model = None
             del model
-            if graphs is None:
-                graphs = cuda and os.environ.get("NERSERVE_CUDA_GRAPHS", "1").lower() not in ("0", "false")
             if graphs and cuda and self._packed.varlen is not None:
                 try:
                     self._capture(max_graph_tokens or GRAPH_BUCKETS[-1])
@@ -294,9 +291,9 @@ class TorchEngine(Engine):
         )
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: EngineArtefact | None) -> TorchEngine:
+    def load(cls, checkpoint: Checkpoint, settings: Settings, artefact: EngineArtefact | None) -> TorchEngine:
         """The checkpoint's own module (an engine folder holds nothing PyTorch serves)."""
-        return cls(checkpoint, precision=precision)
+        return cls(checkpoint, precision=settings.precision, packed=settings.packed, graphs=settings.cuda_graphs)
 
     @property
     def packed(self) -> bool:
@@ -339,7 +336,7 @@ class TorchEngine(Engine):
                     return graph
         return None
 
-    def run(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         if not sequences:
             return []
         with self._torch.inference_mode():

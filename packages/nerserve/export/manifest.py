@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .checkpoint import Checkpoint
+from ..checkpoint import Checkpoint
+from ..config import AUTO, Runtime
+from ..platform import Platform, current_platform
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
@@ -40,35 +42,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Platform:
-    """The accelerator side of a machine: what a TensorRT plan is tied to."""
-
-    gpu_name: str | None
-    compute_capability: str | None
-    tensorrt_version: str | None
-
-    @property
-    def has_gpu(self) -> bool:
-        return self.gpu_name is not None
-
-
-def current_platform() -> Platform:
-    """This machine's first CUDA GPU (via torch) and installed TensorRT, each None where absent."""
-    import torch
-
-    gpu_name = capability = None
-    if torch.cuda.is_available():
-        gpu_name = torch.cuda.get_device_name(0)
-        capability = "{}.{}".format(*torch.cuda.get_device_capability(0))
-    tensorrt_version = None
-    if importlib.util.find_spec("tensorrt") is not None:
-        import tensorrt
-
-        tensorrt_version = tensorrt.__version__
-    return Platform(gpu_name, capability, tensorrt_version)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -110,7 +83,7 @@ def write_manifest(
     for kind, artefact in artefacts.items():
         if artefact["file"] not in files:
             raise ValueError(f"artefact for {kind} ({artefact['file']}) is not in {out_dir}")
-    built_for = dataclasses.asdict(platform) if platform and "tensorrt" in artefacts else None
+    built_for = dataclasses.asdict(platform) if platform and Runtime.TENSORRT in artefacts else None
     manifest = {
         "format": FORMAT,
         "checkpoint": {"id": checkpoint.name, "revision": revision, "sha256": checkpoint.sha256},
@@ -204,7 +177,7 @@ def verify(engine_dir: Path, checkpoint: Checkpoint, here: Platform | None = Non
     manifest = read_manifest(engine_dir)
     verify_checkpoint(engine_dir, manifest, checkpoint)
     verify_files(engine_dir, manifest)
-    if here is not None and "tensorrt" in manifest["artefacts"]:
+    if here is not None and Runtime.TENSORRT in manifest["artefacts"]:
         verify_platform(engine_dir, manifest, here)
     return manifest
 
@@ -212,7 +185,7 @@ def verify(engine_dir: Path, checkpoint: Checkpoint, here: Platform | None = Non
 class EngineArtefact(NamedTuple):
     """What to serve from an engine folder, and with which batch budget."""
 
-    kind: str  # "tensorrt" (a plan for TensorRTEngine) or "onnx" (a graph for OnnxRuntimeEngine)
+    kind: Runtime  # the runtime that serves it: TENSORRT (a plan) or ONNXRUNTIME (a graph)
     path: Path
     precision: str  # the artefact's: fp32, fp16, bf16, int8
     max_num_tokens: int | None  # the budget to serve with; None: no limit from the folder (ONNX is dynamic)
@@ -222,7 +195,7 @@ class EngineArtefact(NamedTuple):
 def load_engine_dir(
     engine_dir: str | Path,
     checkpoint: Checkpoint,
-    engine: str = "auto",
+    engine: str = AUTO,
     here: Platform | None = None,
     precision: str | None = None,
     max_num_tokens: int | None = None,
@@ -245,29 +218,29 @@ def load_engine_dir(
       None takes it; ONNX graphs take any shape, so the budget asked for is kept.
     Every refusal is a ValueError whose message says why. `here` defaults to current_platform()."""
     engine_dir = Path(engine_dir)
-    if engine not in ("auto", "tensorrt", "onnxruntime"):
+    if engine not in (AUTO, Runtime.TENSORRT, Runtime.ONNXRUNTIME):
         raise ValueError(f"an engine dir serves tensorrt or onnxruntime, not {engine!r}")
     manifest = verify(engine_dir, checkpoint)
     artefacts = manifest["artefacts"]
-    chosen: tuple[str, dict[str, str]] | None = None
-    if engine != "onnxruntime" and "tensorrt" in artefacts:
+    chosen: tuple[Runtime, dict[str, str]] | None = None
+    if engine != Runtime.ONNXRUNTIME and Runtime.TENSORRT in artefacts:
         here = here or current_platform()
-        if engine == "tensorrt" or (here.has_gpu and here.tensorrt_version is not None):
+        if engine == Runtime.TENSORRT or (here.has_gpu and here.tensorrt_version is not None):
             verify_platform(engine_dir, manifest, here)
-            chosen = ("tensorrt", artefacts["tensorrt"])
-    if chosen is None and engine == "tensorrt":
+            chosen = (Runtime.TENSORRT, artefacts[Runtime.TENSORRT])
+    if chosen is None and engine == Runtime.TENSORRT:
         raise ValueError(
             f"engine dir {engine_dir} has no TensorRT plan (built on a machine without GPU or "
             f"tensorrt, or with precision {manifest['precision']}); serve it with onnxruntime"
         )
-    kind, artefact = chosen or ("onnx", artefacts["onnxruntime"])
+    kind, artefact = chosen or (Runtime.ONNXRUNTIME, artefacts[Runtime.ONNXRUNTIME])
     if precision is not None and precision != artefact["precision"]:
         raise ValueError(
             f"engine dir {engine_dir} serves {artefact['precision']} ({artefact['file']}), but precision "
             f"{precision} was asked for: rebuild it with PRECISION={precision} or leave precision unset"
         )
     budget, note = max_num_tokens, None
-    if kind == "tensorrt":
+    if kind == Runtime.TENSORRT:
         built = int(manifest["max_num_tokens"])
         budget = built if max_num_tokens is None else min(max_num_tokens, built)
         if max_num_tokens is not None and max_num_tokens > built:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, cache_root
-from .engines.base import pad_batch
+from ..checkpoint import Checkpoint
+from ..engines.base import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (FP32_TOLERANCE, 0.999),
     "fp16": (0.1, 0.99),
     "bf16": (0.5, 0.98),
-    "int8": (float("inf"), 0.0),  # judged by entity F1 on real text instead (see build/build_engine.py)
+    "int8": (float("inf"), 0.0),  # judged by entity F1 on real text instead (export/build.py)
 }
 DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 7), (3, 33), (8, 128), (2, 0))
 
@@ -146,13 +146,38 @@ def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
     """Dynamic int8 quantization of the MatMul weights (activations quantized per batch at run time).
 
     Only MatMul: the embedding tables (Gather) and LayerNorms stay float32, where quantization costs
-    accuracy and saves no time. Per-channel scales keep the classifier's small heads accurate."""
+    accuracy and saves no time. Per-channel scales keep the classifier's small heads accurate.
+
+    ONNX Runtime's advice to run its pre-processing first (shape inference and graph optimization, for
+    static quantization's calibration) is kept out of the build's output: this graph is exported with
+    shapes, served ORT-optimized, and its accuracy is measured by the build's entity F1."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(onnx_path), str(out_path), op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8
-    )
+    root = logging.getLogger()
+    advice = _DropMessage("Please consider to run pre-processing before quantization")
+    root.addFilter(advice)
+    try:
+        quantize_dynamic(
+            str(onnx_path),
+            str(out_path),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        root.removeFilter(advice)
     return out_path
+
+
+class _DropMessage(logging.Filter):
+    """Drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +255,7 @@ def check_engine_against_torch(
 
     def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         ids, lengths = feeds["input_ids"], feeds["attention_mask"].sum(axis=1)
-        outputs = engine.run([row[:n] for row, n in zip(ids, lengths, strict=True)])
+        outputs = engine.logits([row[:n] for row, n in zip(ids, lengths, strict=True)])
         padded = np.zeros(ids.shape + (len(checkpoint.labels),), dtype=np.float32)
         for row, logits in enumerate(outputs):
             padded[row, : len(logits)] = logits
@@ -239,14 +264,15 @@ def check_engine_against_torch(
     return compare_with_torch(checkpoint, run, seed, shapes)
 
 
-def cached_onnx(checkpoint: Checkpoint) -> Path:
-    """The checked fp32 export for this checkpoint, made once and cached under its content hash."""
-    folder = cache_root() / "onnx" / checkpoint.sha256[:16]
+def cached_onnx(checkpoint: Checkpoint, cache: Path) -> Path:
+    """The checked fp32 export for this checkpoint, made once and cached in `cache` (Settings.cache_dir)
+    under its content hash."""
+    folder = cache / "onnx" / checkpoint.sha256[:16]
     path = folder / ONNX_NAME
     if path.exists():
         return path
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
         exported = export_onnx(checkpoint, Path(tmp))
         report = check_against_torch(checkpoint, exported)
         log.info("exported %s to ONNX: %s", checkpoint.name, report)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .scores import TokenScores, softmax
+from ..scores import TokenScores, softmax
 from .tokenization import TextTokenizer, Window
 
 STRATEGIES = ("none", "simple", "first", "average", "max")

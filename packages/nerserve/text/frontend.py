@@ -1,24 +1,27 @@
 """The host half of a request, before and after the engine: validated request -> tokenization (offsets,
 truncation or windows) -> [the engine's scores] -> aggregation -> response items.
 
-The HTTP server's worker processes run it against the engine process; `NerService` runs it around an
-engine in the same process. It imports neither torch nor transformers (a worker stays small): the
+The HTTP server's worker processes run it against the engine process; the in-process service runs it
+around an engine core in the same process. It imports neither torch nor transformers (a worker stays small): the
 tokenizer comes ready-made (`TextTokenizer`, built where the checkpoint is loaded)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from ..errors import Invalid
+from ..schemas import PredictRequest
+from ..scores import TokenScores
 from .aggregation import Aggregator
-from .errors import Invalid
-from .schemas import PredictRequest
-from .scores import TokenScores
 from .tokenization import TextTokenizer, Window
 
 #: the request a process answers before it says it is ready (`average` takes the logits path too)
 WARMUP = {"inputs": ["Apple is looking at buying U.K. startup for $1 billion"], "aggregation_strategy": "average"}
+#: sequences and whether to keep their logits -> their scores, from wherever the engine is
+Score = Callable[[list[np.ndarray], bool], Awaitable[TokenScores]]
 
 
 @dataclasses.dataclass
@@ -66,3 +69,11 @@ class Frontend:
         if request.aggregation_strategy == "none":
             return self.aggregator.tokens(prepared.texts, prepared.windows, scores, request.raw_scores)
         return self.aggregator.grouped(prepared.texts, prepared.windows, scores, request.aggregation_strategy)
+
+
+async def warm_up(frontend: Frontend, score: Score) -> None:
+    """The one warm-up: WARMUP through tokenization, `score` and aggregation, so the first real request
+    pays for no lazy initialisation (a worker runs it through the engine process, the engine core on
+    its own engine)."""
+    prepared = frontend.prepare(PredictRequest.model_validate(WARMUP))
+    frontend.answer(prepared, await score(prepared.sequences, prepared.keep_logits))

@@ -3,7 +3,7 @@ every request in flight, each request getting its share.
 
 A request arrives as a Job: its token sequences and the arrays its scores go into (plain numpy for a
 caller in this process, views into a front-end worker's shared memory in the engine process). The
-engine thread works in steps:
+scheduler thread works in steps:
 - a step gathers a pool of up to POOL_BATCHES budgets of real tokens across the active jobs, oldest
   first, by fair shares (water-filling: a job needing less than an equal share takes what it needs,
   the rest is split among the others; the oldest job always gets at least one sequence, so no job
@@ -34,9 +34,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .engines.base import Engine
-from .errors import ApiError, Backend, Cancelled, Overloaded, Unhealthy
-from .scores import TokenScores
+from ..engines.base import Engine
+from ..errors import ApiError, Cancelled, EngineFailure, Overloaded, Unhealthy
+from ..scores import TokenScores
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def water_fill(needs: list[int], budget: int) -> list[int]:
 
 
 class Scheduler:
-    """Owns the engine; `submit` from any thread, each job's `done` is called from the engine thread."""
+    """Owns the engine; `submit` from any thread, each job's `done` is called from the scheduler thread."""
 
     def __init__(
         self,
@@ -132,7 +132,7 @@ class Scheduler:
         self._passed_over: Job | None = None  # the oldest request, when the last step ended before its batch
         self._lock = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="nerserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="nerserve-scheduler", daemon=True)
         self._thread.start()
 
     @property
@@ -149,10 +149,7 @@ class Scheduler:
             if self._closing:
                 raise Unhealthy("the server is shutting down")
             if self._queued_sequences + len(job.sequences) > self.queue_size and self._queued_sequences:
-                raise Overloaded(
-                    f"queue full ({self._queued_sequences} sequences waiting); retry shortly",
-                    headers={"Retry-After": "1"},
-                )
+                raise Overloaded(f"queue full ({self._queued_sequences} sequences waiting); retry shortly")
             self._arrived.append(job)
             self._queued_sequences += len(job.sequences)
             self._lock.notify()
@@ -173,7 +170,7 @@ class Scheduler:
             self._lock.notify()
         self._thread.join()
 
-    # ---- the engine thread ----------------------------------------------------------------------
+    # ---- the scheduler thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
@@ -232,7 +229,7 @@ class Scheduler:
         """Run the pool's batches, those of the requests with the least left to do first (the oldest
         request's first when a step passed it over); end the step early when requests arrive."""
         lengths = np.fromiter((job.lengths[i] for job, i in pool), dtype=np.int64, count=len(pool))
-        batches = [[pool[k] for k in batch.tolist()] for batch in self.engine.plan(lengths, self.max_num_tokens)]
+        batches = [[pool[k] for k in batch.tolist()] for batch in self.engine.batches(lengths, self.max_num_tokens)]
         left = {job: job.remaining_tokens for job, _ in pool}  # tokens not in this pool, then those in it
         for job, index in pool:
             left[job] += int(job.lengths[index])
@@ -265,7 +262,7 @@ class Scheduler:
             scores = self.engine.classify([job.sequences[i] for job, i in live], any(j.keep_logits for j, _ in live))
         except Exception as error:  # an engine fault fails this batch's requests only
             log.warning("engine failure on a batch of %d sequences: %s: %s", len(live), type(error).__name__, error)
-            failure = Backend(f"engine failure: {type(error).__name__}: {error}")
+            failure = EngineFailure(f"engine failure: {type(error).__name__}: {error}")
             self._ran(live)
             for job in {job for job, _ in live}:
                 job.settle(failure)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -23,15 +22,16 @@ import time
 from multiprocessing import reduction
 from multiprocessing.connection import Connection, Listener
 
-from .config import Settings
-from .errors import ApiError
-from .metrics import Metrics
-from .process import settle_memory
+from ..config import Settings
+from ..errors import ApiError
+from ..lifecycle import become_child, settle_memory
+from ..logs import configure
+from ..metrics import Metrics
+from ..transport import CANCEL, SUBMIT, Block, Hello, Setup, Submit, decode, decode_handshake, encode_done
+from .core import EngineCore, EngineLoader
 from .scheduler import Job
-from .service import EngineLoader, NerService
-from .transport import CANCEL, SUBMIT, Block, Submit, decode, encode_done
 
-log = logging.getLogger("nerserve.engine")
+log = logging.getLogger(__name__)
 
 
 class WorkerLink:
@@ -62,25 +62,23 @@ class WorkerLink:
 
 
 class EngineHost:
-    """The service's scheduler, fed from worker connections."""
+    """The engine core, fed from worker connections."""
 
-    def __init__(self, service: NerService, metrics: Metrics) -> None:
-        self.service = service
+    def __init__(self, core: EngineCore, metrics: Metrics) -> None:
+        self.core = core
         self.metrics = metrics
-        self.num_labels = len(service.frontend.labels)
-        self.setup = pickle.dumps(
-            {"tokenizer": service.tokenizer, "labels": service.frontend.labels, "info": service.info()}
-        )
+        self.num_labels = len(core.labels)
+        self.setup = Setup(core.tokenizer, core.labels, core.info()).encode()
 
     def serve(self, connection: Connection) -> None:
         """Handshake with one worker, then read its messages until it goes away (runs in its own thread)."""
         try:
-            pid = pickle.loads(connection.recv_bytes())["pid"]
+            pid = decode_handshake(connection.recv_bytes(), Hello).pid
             fd = reduction.recv_handle(connection)
             arena = mmap.mmap(fd, 0)
             os.close(fd)
             connection.send_bytes(self.setup)
-        except (EOFError, OSError) as error:
+        except (EOFError, OSError, ValueError) as error:
             log.warning("a worker left during its handshake: %s", error)
             return
         link = WorkerLink(connection, arena, pid)
@@ -94,12 +92,12 @@ class EngineHost:
                 elif kind == CANCEL:
                     job = link.jobs.get(int(payload))  # type: ignore[call-overload]
                     if job is not None:
-                        self.service.scheduler.cancel(job)
+                        self.core.cancel(job)
         except (EOFError, OSError):
             pass
         link.close()
         for job in list(link.jobs.values()):
-            self.service.scheduler.cancel(job)
+            self.core.cancel(job)
         log.info("worker %d disconnected; its %d requests in flight were cancelled", pid, len(link.jobs))
 
     def _submit(self, link: WorkerLink, submit: Submit) -> None:
@@ -114,36 +112,38 @@ class EngineHost:
         job = Job(block.sequences(), block.scores, done)
         link.jobs[submit.job_id] = job
         try:
-            self.service.scheduler.submit(job)
+            self.core.submit(job)
         except ApiError as refused:  # queue full or closing: refused whole, at once
             job.settle(refused)
-        self.metrics.queue_depth.set(self.service.scheduler.depth)
+        self.metrics.queue_depth.set(self.core.depth)
 
 
-def run(
+def serve_engine(
     settings: Settings, address: str, authkey: bytes, status: Connection, engine_loader: EngineLoader | None
 ) -> None:
-    """Entry point of the engine process (spawned by the supervisor)."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
+    """Entry point of the engine process (spawned by the supervisor, which imports this module but none
+    of the model stack: transformers and torch are imported when the core loads the checkpoint)."""
+    become_child()
+    configure(settings.log_level, "engine")
     listener = Listener(address, family="AF_UNIX", authkey=authkey)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when the engine stops
     metrics = Metrics()
     try:
-        service = NerService(settings, metrics.observe_batch, metrics.observe_queue, engine_loader)
-        service.warm_up()
+        core = EngineCore(settings, metrics.observe_batch, metrics.observe_queue, engine_loader)
+        core.warm_up()
     except Exception as error:  # one line for the supervisor; the traceback only at debug level
         log.debug("model failed to load", exc_info=True)
         status.send(("failed", f"{type(error).__name__}: {error}"))
         sys.exit(1)
-    host = EngineHost(service, metrics)
+    host = EngineHost(core, metrics)
     settle_memory()
-    status.send(("ready", service.info()))
+    status.send(("ready", core.info()))
     threading.Thread(target=_accept, args=(listener, host), name="nerserve-accept", daemon=True).start()
     while not stopping.wait(0.5):
-        metrics.queue_depth.set(service.scheduler.depth)
-    service.close()  # finishes what is queued
+        metrics.queue_depth.set(core.depth)
+    core.close()  # finishes what is queued
     log.info("engine stopped")
 
 

@@ -1,6 +1,7 @@
-"""Build an engine folder from a checkpoint: checked ONNX (stage 1), then a TensorRT plan (stage 2).
+"""`nerserve build-engine`: an engine folder from a checkpoint: checked ONNX (stage 1), then a TensorRT
+plan (stage 2).
 
-    python build/build_engine.py --checkpoint dslim/bert-base-NER-uncased --out data/engine
+    nerserve build-engine --checkpoint dslim/bert-base-NER-uncased --out data/engine
 
 Stage 1 runs anywhere: export to ONNX, check it against PyTorch on fresh random inputs (the build
 fails past the stated tolerance), save the ORT-optimized graph the CPU engine serves and, for
@@ -16,19 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "packages"))
+from ..checkpoint import Checkpoint, CheckpointUnavailable, load_checkpoint
+from ..config import PRECISIONS, Runtime, Settings
+from ..engines.tensorrt_engine import TensorRTEngine
+from ..platform import Platform, current_platform
+from . import manifest as manifest_lib
+from . import onnx_export
+from .conll import conll_f1, read_conll
 
-import numpy as np  # noqa: E402
-
-from nerserve import manifest as manifest_lib  # noqa: E402
-from nerserve import onnx_export  # noqa: E402
-from nerserve.checkpoint import Checkpoint, cache_root, load_checkpoint  # noqa: E402
-from nerserve.config import PRECISIONS, Settings, config_path, read_config  # noqa: E402
-from nerserve.engines.ort_engine import OnnxRuntimeEngine  # noqa: E402
-from nerserve.engines.tensorrt_engine import TensorRTEngine  # noqa: E402
-
-DEFAULT_CONLL = REPO.parent / "shared" / "data" / "conll2003" / "eng.testa"
+#: the CoNLL-2003 dev set beside a checkout of this repository (its workspace's shared/), from its root
+DEFAULT_CONLL = Path("../shared/data/conll2003/eng.testa")
 #: the serving contract (API.md): int8 may move entity F1 on CoNLL dev by at most 1 point
 MAX_INT8_F1_DROP = 1.0
 
@@ -36,88 +34,6 @@ MAX_INT8_F1_DROP = 1.0
 def stage(message: str) -> None:
     """One progress line, flushed so it shows up live under make and CI."""
     print(message, flush=True)
-
-
-# --- entity F1 on CoNLL-2003 (first sub-token per word, exact span match) -----------------------------
-
-
-def read_conll(path: Path, limit: int | None = None) -> list[tuple[list[str], list[str]]]:
-    """(words, NER tags) per sentence of a CoNLL-2003 file (4 columns, blank-line separated, -DOCSTART- skipped)."""
-    sentences: list[tuple[list[str], list[str]]] = []
-    words: list[str] = []
-    tags: list[str] = []
-    for line in path.read_text().splitlines() + [""]:
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if words:
-                sentences.append((words, tags))
-                words, tags = [], []
-            continue
-        columns = line.split()
-        words.append(columns[0])
-        tags.append(columns[-1])
-    return sentences[:limit] if limit is not None else sentences
-
-
-def entity_spans(tags: list[str]) -> set[tuple[int, int, str]]:
-    """(start, end, type) entities of a tag sequence, read as conlleval reads it.
-
-    An entity starts at B-X, or at I-X after O or after another type: that reads IOB1 (the CoNLL
-    gold, where B- only separates two adjacent entities of one type) and IOB2 (what the model emits)
-    alike, so both sides are compared as entities, never tag by tag."""
-    spans: set[tuple[int, int, str]] = set()
-    start, kind = None, ""
-    for index, tag in enumerate(tags + ["O"]):
-        prefix, _, label = tag.partition("-")
-        begins = prefix == "B" or (prefix == "I" and label != kind)
-        if start is not None and (prefix == "O" or begins):
-            spans.add((start, index, kind))
-            start, kind = None, ""
-        if begins:
-            start, kind = index, label
-    return spans
-
-
-def predict_word_tags(
-    engine, checkpoint: Checkpoint, sentences: list[list[str]], batch_size: int = 64
-) -> list[list[str]]:
-    """The label of each word's first sub-token (words cut off by truncation get O), batched by length."""
-    encoded = checkpoint.tokenizer(
-        sentences, is_split_into_words=True, truncation=True, max_length=checkpoint.max_input_tokens
-    )
-    order = sorted(range(len(sentences)), key=lambda i: len(encoded["input_ids"][i]))
-    predictions: list[list[str]] = [[] for _ in sentences]
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin : begin + batch_size]
-        logits = engine.run([np.asarray(encoded["input_ids"][i], dtype=np.int64) for i in chunk])
-        for i, sentence_logits in zip(chunk, logits, strict=True):
-            tags = ["O"] * len(sentences[i])
-            seen: set[int] = set()
-            for position, word in enumerate(encoded.word_ids(i)):
-                if word is not None and word not in seen:
-                    seen.add(word)
-                    tags[word] = checkpoint.labels[int(sentence_logits[position].argmax())]
-            predictions[i] = tags
-    return predictions
-
-
-def entity_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
-    """Micro entity F1 over all sentences: exact (start, end, type) matches."""
-    hits = found = wanted = 0
-    for gold_tags, predicted_tags in zip(gold, predicted, strict=True):
-        want, got = entity_spans(gold_tags), entity_spans(predicted_tags)
-        hits += len(want & got)
-        found += len(got)
-        wanted += len(want)
-    precision = hits / found if found else 0.0
-    recall = hits / wanted if wanted else 0.0
-    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-
-
-def conll_f1(onnx_path: Path, checkpoint: Checkpoint, data: list[tuple[list[str], list[str]]], precision: str) -> float:
-    """Entity F1 of ONNX Runtime serving `onnx_path` on `data`."""
-    engine = OnnxRuntimeEngine(onnx_path, checkpoint.pad_id, precision=precision)
-    predicted = predict_word_tags(engine, checkpoint, [words for words, _ in data])
-    return entity_f1([tags for _, tags in data], predicted)
 
 
 # --- the stages ---------------------------------------------------------------------------------------
@@ -186,7 +102,7 @@ def stage_onnx(args: argparse.Namespace, checkpoint: Checkpoint, out: Path, shap
         parity["int8"].update(int8_f1(args, checkpoint, optimized, quantized))
         served = {"file": quantized.name, "precision": "int8"}
     stage(f"[1/2] ONNX: done in {time.perf_counter() - started:.1f} s; ONNX Runtime will serve {served['file']}")
-    return {"onnxruntime": served}, parity
+    return {Runtime.ONNXRUNTIME: served}, parity
 
 
 def int8_f1(args: argparse.Namespace, checkpoint: Checkpoint, fp32_path: Path, int8_path: Path) -> dict:
@@ -211,7 +127,7 @@ def int8_f1(args: argparse.Namespace, checkpoint: Checkpoint, fp32_path: Path, i
     return {"f1_fp32": f1_fp32, "f1_int8": f1_int8, "f1_sentences": len(data), "f1_data": args.conll.name}
 
 
-def tensorrt_unavailable(precision: str, platform: manifest_lib.Platform) -> str | None:
+def tensorrt_unavailable(precision: str, platform: Platform) -> str | None:
     """Why stage 2 cannot run here, or None when it can."""
     if precision == "int8":
         return "int8 is the ONNX Runtime (CPU) precision; TensorRT needs fp16, bf16 or fp32"
@@ -223,10 +139,11 @@ def tensorrt_unavailable(precision: str, platform: manifest_lib.Platform) -> str
 
 
 def stage_tensorrt(
-    args: argparse.Namespace, checkpoint: Checkpoint, out: Path, platform: manifest_lib.Platform, shapes
+    args: argparse.Namespace, checkpoint: Checkpoint, out: Path, platform: Platform, shapes, cache: Path
 ) -> tuple[dict, dict, list]:
     """Stage 2: half-precision ONNX (when asked), plan over the profile ladder, parity of the plan."""
-    from nerserve.engines.tensorrt_engine import build_engine, profile_ladder
+    from ..engines.tensorrt_engine import profile_ladder
+    from .tensorrt_build import build_plan
 
     started = time.perf_counter()
     source = out / onnx_export.ONNX_NAME
@@ -234,13 +151,13 @@ def stage_tensorrt(
         source = onnx_export.export_onnx(checkpoint, out, precision=args.precision, opset=args.opset)
     profiles = profile_ladder(args.max_num_tokens, checkpoint.max_input_tokens)
     slug = "".join(c if c.isalnum() else "-" for c in f"{platform.gpu_name}-trt{platform.tensorrt_version}")
-    timing_cache = args.timing_cache or cache_root() / "tensorrt" / f"timing-{slug}.cache"
+    timing_cache = args.timing_cache or cache / "tensorrt" / f"timing-{slug}.cache"
     stage(
         f"[2/2] TensorRT {platform.tensorrt_version}: building {args.precision} plan for {platform.gpu_name} "
         f"(compute capability {platform.compute_capability}) from {source.name}, {len(profiles)} profiles, "
         f"workspace {args.workspace_gb:g} GiB, timing cache {timing_cache}"
     )
-    plan = build_engine(
+    plan = build_plan(
         source,
         out,
         profiles,
@@ -262,36 +179,28 @@ def stage_tensorrt(
     return {"file": plan.name, "precision": args.precision}, parity, profiles
 
 
-def server_settings() -> Settings:
-    """The server's settings (config.yaml at NERSERVE_CONFIG, under NERSERVE_* variables): the build's
-    defaults, so `make build-engine` builds for what `make serve` will serve."""
-    return Settings.from_config(read_config(config_path(REPO / "config.yaml")))
-
-
-def parse_args(settings: Settings, argv: list[str] | None = None) -> argparse.Namespace:
-    """The build's arguments, each defaulting to what the server's `settings` would serve."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The build's arguments. Those left out take what the server would serve (`defaults_from`), so
+    `make build-engine` builds for what `make serve` will serve."""
     parser.add_argument(
         "--checkpoint",
-        default=settings.checkpoint,
-        help="HF repo id (fetched once into the hub cache) or a local folder in HF format "
-        f"(default: the server's, {settings.checkpoint})",
+        default=None,
+        help="HF repo id (fetched once into the hub cache) or a local folder in HF format (default: the server's)",
     )
     parser.add_argument(
-        "--revision", default=settings.revision, help="branch, tag or commit of a hub checkpoint (default: main)"
+        "--revision", default=None, help="branch, tag or commit of a hub checkpoint (default: the server's, main)"
     )
-    budget = TensorRTEngine.budget(settings.max_num_tokens)
     parser.add_argument(
         "--max-num-tokens",
         type=int,
-        default=budget,
+        default=None,
         help="token budget of one padded batch (batch x longest); sizes the TensorRT profiles; "
-        f"must be at least the model's max input length (default: the server's, {budget})",
+        "must be at least the model's max input length (default: the server's)",
     )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default=settings.precision,
+        default=None,
         help="fp16 (default with a CUDA GPU) or bf16 (GPUs with bf16, compute capability >= 8.0): "
         "the TensorRT plan's precision, taken from a half-precision ONNX; fp32 (default on CPU); "
         "int8: ONNX Runtime dynamic quantization for CPU, F1 measured against fp32",
@@ -335,20 +244,31 @@ def parse_args(settings: Settings, argv: list[str] | None = None) -> argparse.Na
         help="fail the int8 build when its entity F1 is more than this many points below fp32 "
         f"(default {MAX_INT8_F1_DROP:g}, the serving contract's limit)",
     )
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = server_settings()
-    args = parse_args(settings, argv)
+def defaults_from(args: argparse.Namespace, settings: Settings) -> None:
+    """Fill the arguments left out with the server's settings (config.yaml under NERSERVE_* variables)."""
+    args.checkpoint = args.checkpoint or settings.checkpoint
+    args.revision = args.revision or settings.revision
+    args.max_num_tokens = args.max_num_tokens or TensorRTEngine.budget(settings.max_num_tokens)
+    args.precision = args.precision or settings.precision
+
+
+def build(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the build the arguments describe; 1 with one line saying why when the checkpoint cannot be had."""
     started = time.perf_counter()
-    checkpoint = load_checkpoint(args.checkpoint, args.revision, settings.hf_token, settings.mounts)
+    defaults_from(args, settings)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint, args.revision, settings.hf_token, settings.mounts)
+    except CheckpointUnavailable as error:
+        print(f"nerserve: cannot build: {error}", file=sys.stderr, flush=True)
+        return 1
     if args.max_num_tokens < checkpoint.max_input_tokens:
         sys.exit(
             f"--max-num-tokens {args.max_num_tokens} is below the model's max input length "
             f"{checkpoint.max_input_tokens}: one full-length text would not fit a batch"
         )
-    platform = manifest_lib.current_platform()
+    platform = current_platform()
     args.precision = args.precision or ("fp16" if platform.has_gpu else "fp32")
     capability = tuple(map(int, platform.compute_capability.split("."))) if platform.compute_capability else None
     if args.precision == "bf16" and capability is not None and capability < (8, 0):
@@ -370,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         stage(f"[2/2] TensorRT: skipped: {reason}. Stage 1 is complete: {args.out} serves with ONNX Runtime.")
     else:
-        artefacts["tensorrt"], parity["tensorrt"], profiles = stage_tensorrt(
-            args, checkpoint, args.out, platform, shapes
+        artefacts[Runtime.TENSORRT], parity[Runtime.TENSORRT], profiles = stage_tensorrt(
+            args, checkpoint, args.out, platform, shapes, settings.cache_dir
         )
     path = manifest_lib.write_manifest(
         args.out,
@@ -387,7 +307,3 @@ def main(argv: list[str] | None = None) -> int:
     served = ", ".join(f"{kind}: {artefact['file']}" for kind, artefact in artefacts.items())
     stage(f"manifest: {path} ({served}); total {time.perf_counter() - started:.1f} s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

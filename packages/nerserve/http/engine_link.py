@@ -1,4 +1,4 @@
-"""A front-end worker's side of the engine process (transport.py says how the two talk).
+"""A front-end worker's side of the link to the engine process (transport.py says how the two talk).
 
 `connect` is blocking (run it in a thread): it reaches the engine process's socket, hands over this
 worker's arena, and waits until the engine process has loaded its model and sends what the worker
@@ -15,29 +15,17 @@ import dataclasses
 import itertools
 import logging
 import os
-import pickle
 import time
 from multiprocessing import reduction
 from multiprocessing.connection import Client, Connection
-from typing import Any
 
 import numpy as np
 
-from .errors import ApiError, PayloadTooLarge, Unhealthy
-from .scores import TokenScores
-from .tokenization import TextTokenizer
-from .transport import DONE, Arena, Block, Submit, decode, encode_cancel
+from ..errors import ApiError, PayloadTooLarge, Unhealthy
+from ..scores import TokenScores
+from ..transport import DONE, Arena, Block, Hello, Setup, Submit, decode, decode_handshake, encode_cancel
 
-log = logging.getLogger("nerserve.worker")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """What the engine process sends a worker once its model is ready."""
-
-    tokenizer: TextTokenizer
-    labels: tuple[str, ...]
-    info: dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,7 +36,7 @@ class _Request:
     abandoned: bool = False  # given up by its caller: release the block on DONE
 
 
-class EngineClient:
+class EngineLink:
     """One worker's connection to the engine process."""
 
     def __init__(self, address: str, authkey: bytes, arena_bytes: int | None = None) -> None:
@@ -73,12 +61,12 @@ class EngineClient:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        connection.send_bytes(pickle.dumps({"pid": os.getpid()}))
+        connection.send_bytes(Hello(os.getpid()).encode())
         reduction.send_handle(connection, self.arena.fd, 0)
-        setup = pickle.loads(connection.recv_bytes())
+        setup = decode_handshake(connection.recv_bytes(), Setup)
         self.connection = connection
-        self.num_labels = len(setup["labels"])
-        return Setup(setup["tokenizer"], tuple(setup["labels"]), setup["info"])
+        self.num_labels = len(setup.labels)
+        return setup
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read the engine's answers on `loop` from now on."""

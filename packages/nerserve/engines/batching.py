@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def plan_batches(lengths: np.ndarray, max_num_tokens: int, padded: bool, min_fill: float = 0.0) -> list[np.ndarray]:
+def budget_batches(lengths: np.ndarray, max_num_tokens: int, padded: bool, min_fill: float = 0.0) -> list[np.ndarray]:
     """Indices into `lengths` for each batch (padded: longest sequences first; packed: in the given
     order); every index appears once."""
     lengths = np.asarray(lengths, dtype=np.int64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -20,24 +21,30 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from .app import WorkerState, create_app
-from .config import Settings
-from .engine_client import EngineClient, Setup
-from .frontend import WARMUP, Frontend
-from .metrics import Metrics
-from .process import ENGINE_STOP_S, settle_memory
-from .schemas import PredictRequest
+from ..config import Settings
+from ..lifecycle import become_child, settle_memory
+from ..logs import configure
+from ..metrics import Metrics
+from ..text.frontend import Frontend, warm_up
+from ..transport import Setup
+from .app import create_app
+from .engine_link import EngineLink
+from .readiness import WorkerState
 
-log = logging.getLogger("nerserve.worker")
+log = logging.getLogger(__name__)
 
 
-def run(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
-    """Entry point of a worker process (spawned by the supervisor)."""
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(message)s")
-    state = WorkerState(EngineClient(address, authkey))
+def serve_worker(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
+    """Entry point of a worker process (spawned by the supervisor). It never imports torch or
+    transformers (a rule test holds it). Its tokenizer runs on one thread: the workers are the
+    parallelism (a thread pool per worker would fight the others)."""
+    become_child()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    configure(settings.log_level, "worker")
+    state = WorkerState(EngineLink(address, authkey))
     app = create_app(settings, state, Metrics())
     app.router.lifespan_context = _lifespan(state)
-    graceful = max(int(settings.shutdown_timeout_s - settings.shutdown_grace_s - ENGINE_STOP_S), 1)
+    graceful = max(int(settings.workers_stop_s - settings.shutdown_grace_s), 1)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful)
     server = draining_server(
         config, on_drain=lambda: setattr(state, "closing", True), grace_s=settings.shutdown_grace_s
@@ -52,7 +59,7 @@ def _lifespan(state: WorkerState) -> Callable[[FastAPI], contextlib.AbstractAsyn
 
         def connect() -> None:
             try:
-                setup = state.client.connect()
+                setup = state.link.connect()
             except Exception as error:  # the engine process never came up: the supervisor ends the server
                 loop.call_soon_threadsafe(setattr, state, "failure", f"engine process unreachable: {error}")
                 return
@@ -65,12 +72,11 @@ def _lifespan(state: WorkerState) -> Callable[[FastAPI], contextlib.AbstractAsyn
 
 
 async def _warm_up(state: WorkerState, setup: Setup) -> None:
-    """One request through this worker's whole path before it says it is healthy."""
-    state.client.start(asyncio.get_running_loop())
+    """One request through this worker's whole path, through the engine process, before it says it is healthy."""
+    state.link.start(asyncio.get_running_loop())
     frontend = Frontend(setup.tokenizer, setup.labels)
     try:
-        prepared = frontend.prepare(PredictRequest.model_validate(WARMUP))
-        frontend.answer(prepared, await state.client.score(prepared.sequences, prepared.keep_logits))
+        await warm_up(frontend, state.link.score)
     except Exception as error:
         state.failure = f"warm-up request failed: {type(error).__name__}: {error}"
         log.error("%s", state.failure)

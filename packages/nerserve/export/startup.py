@@ -1,11 +1,11 @@
-"""What the container does before the server starts (`python -m nerserve.start_plan`, run by
+"""What the container does before the server starts (`python -m nerserve.export.startup`, run by
 model/start.sh): decide which TensorRT engine folder the server will serve, or where to build one.
 
 With engine `auto` or `tensorrt`, no `engine_dir` set, and a GPU and TensorRT present, the server
 should get a TensorRT plan for this checkpoint, GPU, TensorRT version, precision and batch budget:
 the folder shipped in the image (`data/engine`) when it fits, else the one in the engine cache (on
 Baseten, b10cache survives restarts and is shared by replicas), else a new one built there. Whether a
-folder fits is decided by `manifest.load_engine_dir`, the check the server itself runs at load.
+folder fits is decided by `export/manifest.load_engine_dir`, the check the server itself runs at load.
 
 Prints shell assignments for start.sh: `engine_dir=<folder>` (serve it), or `build_dir=<folder>` with
 the build's arguments, or nothing (the server chooses its engine alone). A checkpoint that cannot be
@@ -22,20 +22,22 @@ import shlex
 import sys
 from pathlib import Path
 
-from .checkpoint import Checkpoint, load_checkpoint
-from .config import Settings, config_path, read_config
-from .manifest import Platform, current_platform, load_engine_dir
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..config import AUTO, Runtime, Settings, config_path, read_config
+from ..logs import configure
+from ..platform import Platform, current_platform
+from .manifest import load_engine_dir
 
-log = logging.getLogger("nerserve.start")
+log = logging.getLogger(__name__)
 #: Baseten's b10cache, deployment scope: survives restarts, shared by the deployment's replicas
 DEFAULT_ENGINE_CACHE = Path("/cache/model/nerserve-engines")
 
 
-def engine_cache(environ: dict[str, str]) -> Path:
-    """`NERSERVE_ENGINE_CACHE_DIR`, or b10cache where it is writable, else a folder that lives as long as
-    the container (every start then builds again)."""
+def engine_cache(settings: Settings) -> Path:
+    """The `engine_cache_dir` setting, or b10cache where it is writable, else a folder that lives as long
+    as the container (every start then builds again)."""
     for folder in (
-        Path(environ.get("NERSERVE_ENGINE_CACHE_DIR") or DEFAULT_ENGINE_CACHE),
+        Path(settings.engine_cache_dir or DEFAULT_ENGINE_CACHE),
         Path.home() / ".cache" / "nerserve-engines",
     ):
         try:
@@ -53,22 +55,22 @@ def cache_key(checkpoint: Checkpoint, settings: Settings, budget: int, here: Pla
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def plan(settings: Settings, here: Platform, baked: Path, environ: dict[str, str]) -> dict[str, str]:
+def choose_engine_folder(settings: Settings, here: Platform, baked: Path) -> dict[str, str]:
     """The assignments for start.sh (see the module docstring)."""
-    if settings.engine not in ("auto", "tensorrt") or settings.engine_dir or not here.tensorrt_version:
+    if settings.engine not in (AUTO, Runtime.TENSORRT) or settings.engine_dir or not here.tensorrt_version:
         return {}
     if not here.has_gpu:
         return {}
-    from .engines.tensorrt_engine import TensorRTEngine
+    from ..engines.tensorrt_engine import TensorRTEngine
 
     checkpoint = load_checkpoint(settings.checkpoint, settings.revision, settings.hf_token, settings.mounts)
     budget = TensorRTEngine.budget(settings.max_num_tokens)
-    target = engine_cache(environ) / cache_key(checkpoint, settings, budget, here)
+    target = engine_cache(settings) / cache_key(checkpoint, settings, budget, here)
     for folder in (baked, target):
         if not (folder / "manifest.json").is_file():
             continue
         try:
-            load_engine_dir(folder, checkpoint, "tensorrt", here, settings.precision, settings.max_num_tokens)
+            load_engine_dir(folder, checkpoint, Runtime.TENSORRT, here, settings.precision, settings.max_num_tokens)
         except ValueError as why:
             log.warning("start: not serving %s: %s", folder, why)
             continue
@@ -83,11 +85,11 @@ def plan(settings: Settings, here: Platform, baked: Path, environ: dict[str, str
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure(logging.INFO, "start")
     path = config_path()
     try:
         settings = Settings.from_config(read_config(path))
-        assignments = plan(settings, current_platform(), path.parent / "data" / "engine", dict(os.environ))
+        assignments = choose_engine_folder(settings, current_platform(), path.parent / "data" / "engine")
     except Exception as error:  # one line, the cause: the container stops and the platform shows it
         print(f"nerserve: cannot start: {error}", file=sys.stderr)
         return 1
