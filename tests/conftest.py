@@ -97,7 +97,7 @@ class ServerProcess:
     (CHECKPOINT, ENGINE, ...) to values, given to the server as NERSERVE_<NAME>. The environment's
     PORT is set to another port, as a platform sets it for its own proxy: the server must not use it."""
 
-    def __init__(self, settings: dict[str, str], cwd: Path = ROOT) -> None:
+    def __init__(self, settings: dict[str, str], cwd: Path = ROOT, args: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
@@ -111,7 +111,11 @@ class ServerProcess:
         self.log_path = Path(os.environ["HF_HOME"]) / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:  # the server keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nerserve", "serve"], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "nerserve", "serve", *(args or [])],
+                cwd=cwd,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
     def wait_ready(self, timeout: float = 180) -> None:

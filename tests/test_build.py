@@ -71,6 +71,22 @@ def cli_builds(build_checkpoints, tmp_path_factory) -> dict[str, tuple[subproces
     return results
 
 
+def test_cli_with_a_checkpoint_it_cannot_have_ends_on_one_line_saying_why(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "nerserve", "build-engine", "--checkpoint", "nerserve-tests/no-such-model"]
+        + ["--out", str(tmp_path / "engine")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("nerserve: cannot build: cannot load checkpoint 'nerserve-tests/no-such-model'")
+    assert "make serve CHECKPOINT=/path/to/folder" in lines[0]
+
+
 def _no_tensorrt_here() -> str | None:
     platform = current_platform()
     if not platform.has_gpu:
@@ -84,6 +100,7 @@ def _no_tensorrt_here() -> str | None:
 def test_cli_writes_a_checked_engine_dir(cli_builds, build_checkpoints, kind):
     result, out = cli_builds[kind]
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "pre-processing" not in result.stdout + result.stderr  # ONNX Runtime's quantization advice, filtered
     lines = result.stdout
     assert "[1/2] ONNX: exporting" in lines and "model.onnx vs PyTorch fp32" in lines and "FAILED" not in lines
     if _no_tensorrt_here():

@@ -5,6 +5,7 @@ and error JSON while the server stays up."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -102,6 +103,8 @@ def test_info_metrics_openapi(server) -> None:
         *(f'nerserve_stage_seconds_count{{stage="{stage}"}}' for stage in STAGES),
     ):
         assert name in metrics
+    docs = httpx.get(server.url + "/docs")  # Swagger UI would load its assets from a CDN: there is no such page
+    assert docs.status_code == 404 and docs.json()["error_type"] == "NotFound"
     spec = httpx.get(server.url + "/openapi.json").json()
     for path in ("/predict_tokens", "/predict", "/v1/models/model:predict", "/health", "/info", "/metrics"):
         assert path in spec["paths"]
@@ -119,6 +122,23 @@ def test_request_id_and_timing_headers(server) -> None:
     response = post(server, {"inputs": "x"}, headers={"x-request-id": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
     assert float(response.headers["x-total-time-ms"]) >= 0
+
+
+def test_a_forged_request_id_cannot_forge_the_access_log(server) -> None:
+    """The access line is written by a JSON encoder from a cleaned, bounded id: a log parser reads the
+    request's own fields, never one the client smuggled in."""
+    forged = 'x","status":999,"forged":"1' + "y" * 500
+    response = post(server, {"inputs": "x"}, headers={"x-request-id": forged})
+    assert response.status_code == 200
+    rid = response.headers["x-request-id"]
+    assert rid == ("xstatus:999forged:1" + "y" * 500)[:128]
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in server.output(None).splitlines() if rid in line]):
+        assert time.monotonic() < deadline, "no access line for the request"
+        time.sleep(0.1)
+    record = json.loads(lines[-1][lines[-1].index("{") :])
+    assert set(record) == {"request_id", "worker", "method", "path", "status", "ms"}
+    assert (record["request_id"], record["status"], record["path"]) == (rid, 200, "/predict_tokens")
 
 
 BAD = [
@@ -169,8 +189,8 @@ def test_unknown_route_and_method_answer_json(server) -> None:
 
 
 def test_real_checkpoint_serves_the_seed_request() -> None:
-    """What `make serve CHECKPOINT=../shared/models/minilm-l6-conll03-ner` answers (Apple as ORG)."""
-    process = ServerProcess({"CHECKPOINT": str(real_checkpoint()), "ENGINE": "onnxruntime"})
+    """What `nerserve serve ../shared/models/minilm-l6-conll03-ner` answers (Apple as ORG)."""
+    process = ServerProcess({"ENGINE": "onnxruntime"}, args=[str(real_checkpoint())])
     try:
         process.wait_ready()
         answer = httpx.post(process.url + "/predict_tokens", json=SEED, timeout=60).json()

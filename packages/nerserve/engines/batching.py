@@ -4,9 +4,10 @@ For a padded engine, sequences are taken longest-first, so neighbours have simil
 wastes little; a batch closes when one more sequence would push its cost (batch x longest) past
 `max_num_tokens`, or when the next sequence is shorter than `min_fill` x the batch's longest: padding
 is paid in full (attention is quadratic in it), and on ONNX Runtime/CPU bounding it at 10% ran CoNLL
-sentences 3x faster than filling the budget (`bench/padding.py`: 2.4k -> 7.2k tokens/s, minilm,
-2 cores). A packed engine pays only for real tokens, so its batches keep the order they are given
-(the scheduler's: oldest request first) and close at the budget: requests finish in order."""
+sentences several times faster than filling the budget (`bench/padding.py`; its figures are in
+docs/speed.md, "What moved the CPU figures"). A packed engine pays only for real tokens, so its
+batches keep the order they are given (the scheduler's: oldest request first) and close at the
+budget: requests finish in order."""
 
 from __future__ import annotations
 

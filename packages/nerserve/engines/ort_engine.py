@@ -28,7 +28,8 @@ class OnnxRuntimeEngine(Engine):
     #: On CPU, throughput does not grow with the batch (the scheduler's pool of several budgets already
     #: groups sequences of even length) while a batch's time does, and a request arriving waits for about
     #: one batch: 1024 (the model's window is at most 512) was the smallest budget within 5% of the best
-    #: on sentences and paragraphs (`bench/budget.py`; figures in docs/speed.md, "CPU budget").
+    #: on sentences and paragraphs (`bench/budget.py`; its figures are in docs/speed.md, "The CPU
+    #: engine's default budget").
     default_max_num_tokens = 1024
 
     def __init__(self, onnx_path: Path, pad_id: int, precision: str = "fp32") -> None:
