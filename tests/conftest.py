@@ -106,6 +106,8 @@ class ServerProcess:
             "PORT": str(free_port()),
             "NERSERVE_PORT": str(self.port),
             "NERSERVE_CONFIG": str(ROOT / "config.yaml"),
+            # no drain phase to wait out when a test stops its server: the tests of the drain set their own
+            "NERSERVE_SHUTDOWN_GRACE_S": "0",
             **{f"NERSERVE_{name.upper()}": value for name, value in settings.items()},
         }
         self.log_path = Path(os.environ["HF_HOME"]) / f"server-{self.port}.log"
@@ -146,10 +148,10 @@ class ServerProcess:
         return code in (0, -signal.SIGTERM) and "shutdown complete" in self.output()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(built):
-    """A server on the cased WordPiece checkpoint with two workers, one per test module that asks (a
-    module may define its own `server` with other settings)."""
+    """A server on the cased WordPiece checkpoint with two workers, shared by the test modules that ask
+    (a module may define its own `server` with other settings)."""
     process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
     process.wait_ready()
     yield process

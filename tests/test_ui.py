@@ -32,7 +32,6 @@ LONG = " ".join(
 )  # about 3,500 tokens: the server reads it in overlapping windows
 MAX_TEXTS = 8
 KEY = "ui-test-key"
-FAST_STOP = {"SHUTDOWN_GRACE_S": "0"}  # no drain phase to wait out: nothing is in flight when a test stops its server
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or ""
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver") or ""
 
@@ -56,9 +55,7 @@ def checkpoint(built) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    process = ServerProcess(
-        {"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "MAX_TEXTS": str(MAX_TEXTS), **FAST_STOP}
-    )
+    process = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "MAX_TEXTS": str(MAX_TEXTS)})
     process.wait_ready()
     yield process
     assert process.stop(), process.output()
@@ -277,7 +274,7 @@ def test_api_key_is_asked_for_and_kept_in_the_page(browser, checkpoint) -> None:
     without the key shows the API's 401, and with the key typed the page works; the key goes nowhere else."""
     from selenium.webdriver.common.by import By
 
-    process = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "API_KEY": KEY, **FAST_STOP})
+    process = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "API_KEY": KEY})
     try:
         process.wait_ready()
         assert httpx.get(process.url + "/ui").status_code == 200
