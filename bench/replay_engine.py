@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from nerserve.checkpoint import Checkpoint
-from nerserve.config import Settings
+from nerserve.config import Runtime, Settings
 from nerserve.engines.base import Engine
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.scores import TokenScores
 
-REPLAY_FILE = "NERSERVE_BENCH_REPLAY"
+REPLAY_FILE = "NERBENCH_REPLAY"  # a variable of the bench, passed to the engine process it starts
 
 
 def key(ids: np.ndarray) -> bytes:
@@ -43,7 +43,7 @@ class ReplayEngine(Engine):
     """Looks each sequence's logits up; a sequence it has not seen is an error (the bench sends only
     the texts it recorded)."""
 
-    name = "replay"
+    name = Runtime.ONNXRUNTIME  # it stands in for the CPU engine whose logits it recorded
     padded = False
 
     def __init__(self, table: dict[bytes, np.ndarray], precision: str) -> None:
@@ -51,9 +51,9 @@ class ReplayEngine(Engine):
         self.precision = precision
 
     @classmethod
-    def load(cls, checkpoint: Checkpoint, precision: str | None, artefact: object = None) -> ReplayEngine:
+    def load(cls, checkpoint: Checkpoint, settings: Settings, artefact: object = None) -> ReplayEngine:
         table = pickle.loads(Path(os.environ[REPLAY_FILE]).read_bytes())
-        return cls(table, precision or "fp32")
+        return cls(table, settings.precision or "fp32")
 
     def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         return [self.table[key(ids)] for ids in sequences]
@@ -68,6 +68,6 @@ class ReplayEngine(Engine):
 
 def load(settings: Settings, checkpoint: Checkpoint) -> Engine:
     """The bench server's engine loader: the recorded logits, with the real engine's batch budget."""
-    engine = ReplayEngine.load(checkpoint, settings.precision)
+    engine = ReplayEngine.load(checkpoint, settings)
     engine.max_num_tokens = OnnxRuntimeEngine.budget(settings.max_num_tokens)
     return engine

@@ -319,7 +319,9 @@ def build_int8(path: Path, out: Path) -> Path:
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "build" / "build_engine.py"),
+            "-m",
+            "nerserve",
+            "build-engine",
             "--checkpoint",
             str(path),
             "--precision",
