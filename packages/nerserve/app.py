@@ -93,7 +93,9 @@ class Envelope:
         self.app, self.api_key, self.metrics = app, api_key, metrics
 
     def _authorized(self, headers: Headers) -> bool:
-        supplied = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
+        # `Authorization: Bearer <key>`, Baseten's `Authorization: Api-Key <key>`, or an `Api-Key` header
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        supplied = credential.strip() if scheme.lower() in ("bearer", "api-key") else headers.get("api-key", "")
         return supplied == self.api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -125,7 +127,7 @@ class Envelope:
             await send(message)
 
         if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
-            refusal = _error(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key)"))
+            refusal = _error(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)"))
             await refusal(scope, tracked_receive, send_with_headers)
         else:
             await self.app(scope, tracked_receive, send_with_headers)
