@@ -166,7 +166,7 @@ class HttpTarget:
             attempt += 1
             if status in PER_TEXT and attempt > TEXT_RETRIES:
                 return [row_error(FAILED, _problem(response))]
-            await self._back_off(str(status), attempt, retry_after(response), _problem(response))
+            await self._back_off(str(status), attempt, retry_after(response), f"{self.endpoint}: {_problem(response)}")
 
     async def _send(self, method: str, url: str, body: bytes | None) -> httpx.Response:
         """One request inside the concurrency limit; connection failures and timeouts retried here."""
@@ -182,12 +182,13 @@ class HttpTarget:
             finally:
                 await self.concurrency.release()
             attempt += 1
-            await self._back_off(reason, attempt, None, problem)
+            await self._back_off(reason, attempt, None, f"{url}: {problem}")
 
     async def _back_off(self, reason: str, attempt: int, wait: float | None, problem: str) -> None:
-        """Count the retry, cut the limit, wait; or, past the retries, give up on the target."""
+        """Count the retry, cut the limit, wait; or, past the retries, give up on the target (`problem`
+        names the URL and what went wrong)."""
         if attempt > self.limits.max_retries:
-            raise Unreachable(f"{self.endpoint}: {problem}, still after {self.limits.max_retries} retries")
+            raise Unreachable(f"{problem}, still after {self.limits.max_retries} retries")
         self.retries[reason] += 1
         self.concurrency.cut()
         if wait is None:

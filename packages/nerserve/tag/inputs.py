@@ -112,7 +112,8 @@ def _txt(path: Path, start: int) -> Iterator[Row]:
 
 
 def _arrow(path: Path, kind: str, fields: Fields, start: int) -> Iterator[Row]:
-    """CSV and Parquet, in Arrow batches; only the text and id columns are read."""
+    """CSV and Parquet, in Arrow batches; only the text and id columns are read (a CSV's as text, as
+    CSV holds nothing else: a numeric-looking id stays the string it was)."""
     import pyarrow as pa
 
     if kind == "parquet":
@@ -126,13 +127,14 @@ def _arrow(path: Path, kind: str, fields: Fields, start: int) -> Iterator[Row]:
     else:
         import pyarrow.csv as pcsv
 
-        header = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=1 << 16)).schema.names
+        parse = pcsv.ParseOptions(newlines_in_values=True)  # a quoted text may hold line breaks
+        head = pcsv.ReadOptions(block_size=1 << 16)
+        header = pcsv.open_csv(path, read_options=head, parse_options=parse).schema.names
         _require(path, fields.text, header)
         columns = [name for name in (fields.text, fields.id) if name in header]
-        convert = pcsv.ConvertOptions(
-            include_columns=columns, column_types={fields.text: pa.string()}, strings_can_be_null=False
-        )
-        batches = iter(pcsv.open_csv(path, convert_options=convert))
+        as_text = {fields.text: pa.string(), fields.id: pa.string()}
+        convert = pcsv.ConvertOptions(include_columns=columns, column_types=as_text, strings_can_be_null=False)
+        batches = iter(pcsv.open_csv(path, parse_options=parse, convert_options=convert))
     index = 0
     for batch in batches:
         if index + batch.num_rows <= start:
