@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from conftest import ROOT, ServerProcess, free_port
 
 import corpus
+from conftest import ROOT, ServerProcess, free_port
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -274,9 +274,7 @@ def _kill_mid_run(command: list[str], out: Path, total: int) -> int:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
-def test_sigkill_and_rerun_give_the_uninterrupted_output(
-    main_server, corpus_jsonl, reference, tmp_path, suffix
-) -> None:
+def test_sigkill_and_rerun_equal_an_uninterrupted_run(main_server, corpus_jsonl, reference, tmp_path, suffix) -> None:
     """Killed half way (a torn last line added, as a kill inside a write leaves one), then rerun: the same
     ids in the same order with the same entities as an uninterrupted run, each row once."""
     out = tmp_path / f"out{suffix}"
@@ -291,18 +289,57 @@ def test_sigkill_and_rerun_give_the_uninterrupted_output(
     assert_same_rows(rows_of(out), reference)
 
 
-def test_server_killed_and_restarted_mid_run(checkpoint, corpus_jsonl, reference, tmp_path) -> None:
+class Restartable:
+    """A server that a test may kill and start again on the same port (`server` is the one running)."""
+
+    def __init__(self, settings: dict[str, str]) -> None:
+        self.settings = settings
+        self.server = ServerProcess(settings)
+        self.server.wait_ready()
+
+    def kill_and_restart(self) -> None:
+        self.server.process.send_signal(signal.SIGKILL)
+        self.server.process.wait()
+        self.server = ServerProcess(self.settings, port=self.server.port)
+        self.server.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def busy_server(checkpoint):
+    """A server with an API key whose queue holds 2 sequences (a third concurrent request gets 429)."""
+    restartable = Restartable(
+        {"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "WORKERS": "1", "QUEUE_SIZE": "2", "API_KEY": KEY}
+    )
+    yield restartable
+    restartable.server.stop()
+
+
+def test_429_back_off_and_api_key(busy_server, reference, tmp_path) -> None:
+    """16 concurrent one-text requests against a queue of 2: most get 429 with Retry-After; the job backs
+    off and finishes with every row. The key goes as Authorization: Api-Key; a job with a wrong one stops
+    at once, saying so."""
+    first = [{"id": row["id"], "text": text} for row, text in zip(reference[:40], TEXTS, strict=False)]
+    source = write_jsonl(tmp_path / "in.jsonl", first)
+    out = tmp_path / "out.jsonl"
+    args = [source, "-o", out, "--url", busy_server.server.url, "--batch-rows", "1", "--api-key-env", "TAG_TEST_KEY"]
+    result = tag(*args, "--max-concurrency", "16", env={"TAG_TEST_KEY": KEY})
+    assert result.returncode == 0, result.stderr
+    assert "429 x" in result.stderr
+    assert_same_rows(rows_of(out), reference[:40])
+    refused = tag(*args, "--overwrite", env={"TAG_TEST_KEY": "wrong"})
+    assert refused.returncode == 1
+    assert "API key was refused" in refused.stderr and "HTTP 401" in refused.stderr
+
+
+def test_server_killed_and_restarted_mid_run(busy_server, corpus_jsonl, reference, tmp_path) -> None:
     """The server dies (SIGKILL) while the job runs and comes back on its port: the job waits, retries,
-    and finishes with every row once."""
-    settings = {"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "WORKERS": "1"}
-    server = ServerProcess(settings)
-    server.wait_ready()
+    and finishes with every row once (the key from BASETEN_API_KEY, the default variable)."""
     out = tmp_path / "out.jsonl"
     state = out.with_name(out.name + ".state.json")
-    args = [corpus_jsonl, "-o", out, "--url", server.url, "--max-concurrency", "1", "--batch-rows", "2"]
+    args = [corpus_jsonl, "-o", out, "--url", busy_server.server.url, "--max-concurrency", "1", "--batch-rows", "2"]
     job = subprocess.Popen(
         tag_command(*args, "--commit-every", "0"),
-        env=tag_env(),
+        env=tag_env({"BASETEN_API_KEY": KEY}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -311,40 +348,13 @@ def test_server_killed_and_restarted_mid_run(checkpoint, corpus_jsonl, reference
         while not (state.exists() and orjson.loads(state.read_bytes())["rows"] > 0):
             assert job.poll() is None, job.communicate()
             time.sleep(0.01)
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
-        time.sleep(1)
-        server = ServerProcess(settings, port=server.port)
-        server.wait_ready()
+        busy_server.kill_and_restart()
         _, stderr = job.communicate(timeout=120)
     finally:
         job.kill()
-        server.stop()
     assert job.returncode == 0, stderr
     assert "connection x" in stderr  # it did retry
     assert_same_rows(rows_of(out), reference)
-
-
-def test_429_back_off_and_api_key(checkpoint, corpus_jsonl, reference, tmp_path) -> None:
-    """A server whose queue holds 2 sequences refuses most of 16 concurrent requests with 429 and
-    Retry-After; the job backs off and finishes with every row. The key goes as Authorization: Api-Key;
-    a job without it stops at once, saying so."""
-    server = ServerProcess(
-        {"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "WORKERS": "1", "QUEUE_SIZE": "2", "API_KEY": KEY}
-    )
-    server.wait_ready()
-    try:
-        out = tmp_path / "out.jsonl"
-        args = [corpus_jsonl, "-o", out, "--url", server.url, "--batch-rows", "1", "--api-key-env", "TAG_TEST_KEY"]
-        result = tag(*args, "--max-concurrency", "16", env={"TAG_TEST_KEY": KEY})
-        assert result.returncode == 0, result.stderr
-        assert "429 x" in result.stderr
-        assert_same_rows(rows_of(out), reference)
-        refused = tag(*args, "--overwrite", env={"TAG_TEST_KEY": "wrong"})
-        assert refused.returncode == 1
-        assert "API key was refused" in refused.stderr and "HTTP 401" in refused.stderr
-    finally:
-        server.stop()
 
 
 def test_unreachable_target_ends_the_job_clearly(corpus_jsonl, tmp_path) -> None:
@@ -393,9 +403,7 @@ def test_http_path_does_not_import_the_model_stack(main_server, tmp_path) -> Non
     assert result.stdout.strip() == "0 []", result.stderr
 
 
-def test_in_process_http_and_ray_give_equal_entities(
-    checkpoint, corpus_jsonl, reference, ray_cluster, tmp_path
-) -> None:
+def test_in_process_http_and_ray_are_equal(checkpoint, corpus_jsonl, reference, ray_cluster, tmp_path) -> None:
     """The same file in process (the engine here) and on Ray (2 actors on the module's cluster): the
     rows of the HTTP run."""
     model = ["--checkpoint", checkpoint, "--engine", "onnxruntime"]
