@@ -79,7 +79,7 @@ class Progress:
         errors = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items())) or "none"
         total_errors = sum(self.errors.values())
         return [
-            f"nerserve tag: {self.rows:,} rows{earlier} in {elapsed:.1f} s, ~{self.tokens:,} tokens "
+            f"nerserve tag: {self.rows:,} rows{earlier} in {elapsed:.2f} s, ~{self.tokens:,} tokens "
             f"(~{self.rate():,.0f} tokens/s); retries: {retried}; errors by kind: {errors}",
             f"done: {self.answered:,} rows answered, {total_errors:,} rows with an error -> {output}",
         ]
