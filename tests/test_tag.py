@@ -443,3 +443,26 @@ def test_ray_data_map_batches(checkpoint, reference, ray_cluster) -> None:
             item["results"] = dict(item["results"])
         assert got[row["id"]]["error"] is None
         assert same_entities(entities, row["entities"]), row["id"]
+
+
+def test_concurrency_climbs_to_the_targets_capacity_and_no_further() -> None:
+    """Against a target that answers at most 8 requests' worth at once, the limit doubles while that
+    pays, stops near 8 (not at the ceiling of 256), and an overload halves it."""
+    import asyncio
+
+    from nerserve.tag.concurrency import AdaptiveLimit
+
+    now = [0.0]
+    limit = AdaptiveLimit(start=1, ceiling=256, clock=lambda: now[0])
+
+    async def answers(count: int) -> None:
+        for _ in range(count):
+            await limit.acquire()
+            now[0] += 1.0 / (10 * min(limit.limit, 8))  # 10 answers/s per request in flight, up to 8
+            await limit.release(1)
+
+    asyncio.run(answers(3000))
+    assert 8 <= limit.limit <= 16
+    before = limit.limit
+    limit.cut()
+    assert limit.limit == before // 2

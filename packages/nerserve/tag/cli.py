@@ -21,7 +21,7 @@ from .outputs import FORMATS, open_output
 from .progress import Progress
 from .resume import Mismatch
 from .rows import RequestOptions, Unreachable
-from .run import Packing, Target, tag
+from .run import ENGINE_PACKING, HTTP_PACKING, Packing, Target, tag
 
 STRATEGIES = ("none", "simple", "first", "average", "max")
 DEFAULT_KEY_VARIABLE = "BASETEN_API_KEY"
@@ -56,9 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregation-strategy", type=str.lower, choices=STRATEGIES, default="max")
     parser.add_argument("--truncate", action="store_true", help="cut texts to the model's length (default: read whole)")
     parser.add_argument("--truncation-direction", type=str.lower, choices=("right", "left"), default="right")
-    parser.add_argument("--batch-tokens", type=int, default=Packing.tokens, help="estimated tokens per request")
-    parser.add_argument("--batch-rows", type=int, default=Packing.rows, help="at most this many rows per request")
-    parser.add_argument("--max-concurrency", type=int, default=64, help="with --url: requests in flight at most")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        help=f"estimated tokens per request (default {HTTP_PACKING.tokens} with --url, else {ENGINE_PACKING.tokens})",
+    )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        help=f"rows per request at most (default {HTTP_PACKING.rows} with --url, else {ENGINE_PACKING.rows})",
+    )
+    parser.add_argument("--max-concurrency", type=int, default=256, help="with --url: requests in flight at most")
     parser.add_argument("--max-retries", type=int, default=8, help="with --url: retries of a request before giving up")
     parser.add_argument("--timeout", type=float, default=120.0, help="with --url: seconds to wait for one answer")
     parser.add_argument("--commit-every", type=float, default=1.0, help="seconds between durable commits")
@@ -115,7 +123,7 @@ async def _run(args: argparse.Namespace) -> int:
     kind_of(args.input)
     if not args.input.is_file():
         raise InputError(f"{args.input}: no such file")
-    if args.batch_tokens < 1 or args.batch_rows < 1 or args.concurrency < 1 or args.max_concurrency < 1:
+    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency) < 1:
         raise ValueError("--batch-tokens, --batch-rows, --concurrency and --max-concurrency must be positive")
     fields = Fields(args.text_field, args.id_field)
     target = _target(args)
@@ -134,7 +142,8 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         progress = Progress(count_rows(args.input), writer.state.rows)
         rows = read_rows(args.input, fields, start=writer.state.rows)
-        packing = Packing(args.batch_tokens, args.batch_rows)
+        preset = HTTP_PACKING if args.url else ENGINE_PACKING
+        packing = Packing(args.batch_tokens or preset.tokens, args.batch_rows or preset.rows)
         try:
             await tag(rows, target, writer, progress, packing, args.commit_every)
         except Unreachable as error:

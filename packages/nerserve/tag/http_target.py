@@ -1,12 +1,11 @@
 """The HTTP target: POST URL/predict_tokens to a running server or a Baseten deployment.
 
 A light client (httpx, orjson; neither torch nor transformers). Requests arrive packed by the
-runner; this keeps as many in flight as the target takes: the limit grows while answers come back
-(doubling until the first sign of overload, then by one per round of answers) and halves on 429, 503,
-504 and timeouts, at most once a second, so one burst of refusals is one cut. A refused request waits
-for its `Retry-After` (else an exponential back-off) and is sent again, up to `max_retries` times;
-past that the target is unreachable and the job ends, its output kept. Behind one URL any number of
-replicas share the load, as Baseten spreads it.
+runner; as many are kept in flight as raise the rate of answers (concurrency.py: it climbs while
+answers come faster, halves on 429, 503, 504 and timeouts). A refused request waits for its
+`Retry-After` (else an exponential back-off) and is sent again, up to `max_retries` times; past that
+the target is unreachable and the job ends, its output kept. Behind one URL any number of replicas
+share the load, as Baseten spreads it.
 
 A packed request that the server refuses for its content (400, 413, 422) or fails (500, 504) is sent
 again one text a time, so only the text at fault gets the row error."""
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import orjson
 
+from .concurrency import AdaptiveLimit
 from .rows import FAILED, MODEL_KEYS, REFUSED, Outcome, RequestOptions, Unreachable, row_error
 
 #: statuses that say "this client is wrong" (key, URL): every request would get them, so the job stops
@@ -39,43 +39,10 @@ class Limits:
     """Concurrency and retry bounds of the HTTP client."""
 
     start: int = 4
-    ceiling: int = 64
+    ceiling: int = 256
     max_retries: int = 8
     timeout_s: float = 120.0
     backoff_cap_s: float = 10.0
-
-
-class AdaptiveLimit:
-    """Requests in flight: grows on answers, halves on overload (additive increase, multiplicative
-    decrease, with a slow start), between 1 and the ceiling."""
-
-    def __init__(self, start: int, ceiling: int) -> None:
-        self.limit = float(min(start, ceiling))
-        self.ceiling = ceiling
-        self.in_flight = 0
-        self.slow_start = True
-        self.cut_at = 0.0
-        self.condition = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        async with self.condition:
-            await self.condition.wait_for(lambda: self.in_flight < int(self.limit))
-            self.in_flight += 1
-
-    async def release(self) -> None:
-        async with self.condition:
-            self.in_flight -= 1
-            self.condition.notify_all()
-
-    def grow(self) -> None:
-        self.limit = min(self.ceiling, self.limit + (1.0 if self.slow_start else 1.0 / self.limit))
-
-    def cut(self) -> None:
-        now = time.monotonic()
-        if now - self.cut_at >= 1.0:
-            self.limit = max(1.0, self.limit / 2)
-            self.slow_start = False
-            self.cut_at = now
 
 
 def predict_url(url: str) -> str:
@@ -123,13 +90,18 @@ class HttpTarget:
         self.client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(limits.timeout_s, connect=min(10.0, limits.timeout_s)),
-            limits=httpx.Limits(max_connections=limits.ceiling, max_keepalive_connections=limits.ceiling),
+            # idle connections are dropped before a server's own keep-alive timeout (uvicorn's: 5 s), so
+            # none is reused just as the server closes it
+            limits=httpx.Limits(
+                max_connections=limits.ceiling, max_keepalive_connections=limits.ceiling, keepalive_expiry=2.0
+            ),
         )
 
     @property
     def window(self) -> int:
-        """Requests the runner keeps prepared: the ceiling, so the limit, not the runner, paces them."""
-        return 2 * self.limits.ceiling
+        """Requests the runner keeps prepared: twice the limit, so the limit, not the runner, paces them
+        (and memory follows what is in flight)."""
+        return 2 * self.concurrency.limit + 2
 
     async def model(self) -> dict[str, Any]:
         """What identifies the model for the resume fingerprint: the server's /info (model, checkpoint
@@ -148,7 +120,6 @@ class HttpTarget:
             response = await self._send("POST", self.endpoint, body)
             status = response.status_code
             if status == 200:
-                self.concurrency.grow()
                 answers = orjson.loads(response.content)
                 if not isinstance(answers, list) or len(answers) != len(texts):
                     raise Unreachable(f"{self.endpoint} answered 200 with something other than one list per text")
@@ -169,18 +140,22 @@ class HttpTarget:
             await self._back_off(str(status), attempt, retry_after(response), f"{self.endpoint}: {_problem(response)}")
 
     async def _send(self, method: str, url: str, body: bytes | None) -> httpx.Response:
-        """One request inside the concurrency limit; connection failures and timeouts retried here."""
+        """One request inside the concurrency limit (a 200 counts towards its rate); connection failures
+        and timeouts retried here."""
         attempt = 0
         while True:
             await self.concurrency.acquire()
+            answered = None
             try:
-                return await self.client.request(method, url, content=body)
+                response = await self.client.request(method, url, content=body)
+                answered = len(body or b"") if response.status_code == 200 else None
+                return response
             except httpx.TimeoutException as error:
                 reason, problem = "timeout", f"no answer within {self.limits.timeout_s:g} s ({type(error).__name__})"
             except httpx.TransportError as error:
                 reason, problem = "connection", f"{type(error).__name__}: {error}"
             finally:
-                await self.concurrency.release()
+                await self.concurrency.release(answered)
             attempt += 1
             await self._back_off(reason, attempt, None, f"{url}: {problem}")
 

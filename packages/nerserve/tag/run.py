@@ -41,8 +41,15 @@ class Target(Protocol):
 class Packing:
     """A request holds rows until their estimated tokens would pass `tokens`, or `rows` of them."""
 
-    tokens: int = 4096
-    rows: int = 256
+    tokens: int
+    rows: int
+
+
+#: over HTTP: a request the server answers in a few engine batches, many of them in flight
+HTTP_PACKING = Packing(4096, 256)
+#: in process and on an actor: two requests at a time, each large, so the engine batches texts of like
+#: lengths together (less padding); 1024 rows is the service's max_texts default
+ENGINE_PACKING = Packing(16384, 1024)
 
 
 @dataclasses.dataclass
@@ -90,12 +97,7 @@ async def tag(
                     pending.append((chunk, asyncio.ensure_future(_answer(target, chunk))))
             if not pending:
                 break
-            if not pending[0][1].done():
-                done, _ = await asyncio.wait([task for _, task in pending], return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    error = task.exception()
-                    if error is not None:
-                        raise error
+            await asyncio.wait([pending[0][1]])  # the oldest: rows are written in order (a failure raises below)
             while pending and pending[0][1].done():
                 chunk, task = pending.popleft()
                 outcomes = task.result()
