@@ -197,7 +197,19 @@ def main() -> None:
         print(f"tool over HTTP: {http['tool']['tokens_s']:,.0f} tok/s; {http['tool']['summary']}", flush=True)
         resumed = folder / "resumed.jsonl"
         results["resume"] = killed_and_rerun(
-            [str(corpus), "-o", str(resumed), "--url", server.url, "--commit-every", "0.1", *common],
+            # requests of 32 rows and commits every 0.1 s, so the kill lands near half way
+            [
+                str(corpus),
+                "-o",
+                str(resumed),
+                "--url",
+                server.url,
+                "--batch-rows",
+                "32",
+                "--commit-every",
+                "0.1",
+                *common,
+            ],
             resumed,
             len(sentences),
         )
