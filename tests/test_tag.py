@@ -273,20 +273,28 @@ def _kill_mid_run(command: list[str], out: Path, total: int) -> int:
     raise AssertionError("the run ended before it could be killed half way")
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".json"])
 def test_sigkill_and_rerun_equal_an_uninterrupted_run(main_server, corpus_jsonl, reference, tmp_path, suffix) -> None:
     """Killed half way (a torn last line added, as a kill inside a write leaves one), then rerun: the same
-    ids in the same order with the same entities as an uninterrupted run, each row once."""
+    ids in the same order with the same entities as an uninterrupted run, each row once (`.json`: Label
+    Studio's array, whole again after the rerun)."""
     out = tmp_path / f"out{suffix}"
     args = [corpus_jsonl, "-o", out, "--url", main_server.url, "--max-concurrency", "1", "--batch-rows", "2"]
+    if suffix == ".json":
+        args += ["--format", "label-studio"]
     written = _kill_mid_run([*tag_command(*args, "--commit-every", "0")], out, len(TEXTS))
-    if suffix == ".jsonl":
+    if suffix != ".parquet":
         with open(out, "ab") as file:
             file.write(b'{"id":"doc-torn","entities":[{"tok')
     result = tag(*args)
     assert result.returncode == 0, result.stderr
     assert f"+{written:,} from an earlier run" in result.stderr
-    assert_same_rows(rows_of(out), reference)
+    if suffix == ".json":
+        tasks = json.loads(out.read_text(encoding="utf-8"))
+        assert [task["data"]["id"] for task in tasks] == [row["id"] for row in reference]
+        assert [len(task["predictions"][0]["result"]) for task in tasks] == [len(row["entities"]) for row in reference]
+    else:
+        assert_same_rows(rows_of(out), reference)
 
 
 class Restartable:

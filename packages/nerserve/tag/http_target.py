@@ -107,6 +107,8 @@ class HttpTarget:
         """What identifies the model for the resume fingerprint: the server's /info (model, checkpoint
         hash, engine, precision, window overlap), or the URL where the deployment does not route /info."""
         response = await self._send("GET", self.url + "/info", None)
+        if response.status_code in (401, 403):  # every request would be refused: say so before anything is written
+            raise Unreachable(f"{self.url}/info: {FATAL[response.status_code]} ({_problem(response)})")
         if response.status_code != 200:
             return {"url": self.url}
         info = orjson.loads(response.content)

@@ -1,5 +1,6 @@
 """Output writers: `.jsonl` and `.parquet` rows (`id`, `entities`, `error`), and `--format label-studio`
-(tasks with pre-annotations, `.json` as one array or `.jsonl` one task a line).
+(tasks with pre-annotations, `.json` as one array or `.jsonl` one task a line). Parquet's `id` column
+is text (an input may mix numeric and string ids); JSON keeps each id as it was.
 
 Nothing written is lost or doubled. Line formats are only appended to: lines are buffered, and a
 commit flushes and fsyncs them before the progress record (resume.py) moves past them, so a rerun
