@@ -491,9 +491,9 @@ def test_a_killed_job_leaves_the_servers_later_answers_right(tmp_path) -> None:
         elif words:
             sentences.append(" ".join(words))
             words = []
-    sentences = sentences[:1200]
+    sentences = sentences[:640]
     chunks = [sentences[i : i + 32] for i in range(0, len(sentences), 32)]
-    server = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime"})
+    server = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "SHUTDOWN_GRACE_S": "0.1"})
     server.wait_ready()
     try:
 
@@ -517,7 +517,7 @@ def test_a_killed_job_leaves_the_servers_later_answers_right(tmp_path) -> None:
             env=tag_env(),
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(1.0)  # its first requests at the engine
+        time.sleep(0.6)  # its first requests at the engine
         job.send_signal(signal.SIGKILL)
         job.wait()
         after = asyncio.run(answers())
