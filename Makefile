@@ -57,10 +57,12 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
-# capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py).
+# capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py);
+# `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py).
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/host.py
+	$(PY) bench/tag.py
 
 # The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
 screenshot: $(STAMP)

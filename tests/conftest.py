@@ -97,8 +97,12 @@ class ServerProcess:
     (CHECKPOINT, ENGINE, ...) to values, given to the server as NERSERVE_<NAME>. The environment's
     PORT is set to another port, as a platform sets it for its own proxy: the server must not use it."""
 
-    def __init__(self, settings: dict[str, str], cwd: Path = ROOT, args: list[str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, settings: dict[str, str], cwd: Path = ROOT, args: list[str] | None = None, port: int | None = None
+    ) -> None:
+        """`args`: the command line after `serve`; `port`: where to listen (default a free one; a restarted
+        server is given its predecessor's)."""
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("NERSERVE_")},

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 import numpy as np
 
@@ -96,8 +96,12 @@ class EngineCore:
         return await asyncio.wrap_future(self.score(sequences, keep_logits))
 
     def warm_up(self) -> None:
-        """One real request through every step (text/frontend.py's warm_up) before anyone is told it is ready."""
-        asyncio.run(warm_up(Frontend(self.tokenizer, self.labels), self._score_async))
+        """One real request through every step (text/frontend.py's warm_up) before anyone is told it is ready.
+        It runs on a thread of its own with its own event loop, so a caller inside a running loop (`nerserve
+        tag` in process, a host that loads the Truss Model from async code) can call it as well."""
+        work = warm_up(Frontend(self.tokenizer, self.labels), self._score_async)
+        with ThreadPoolExecutor(1, thread_name_prefix="nerserve-warm-up") as thread:
+            thread.submit(asyncio.run, work).result()
 
     def info(self) -> dict:
         """What /info shows."""

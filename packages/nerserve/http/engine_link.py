@@ -144,7 +144,9 @@ class EngineLink:
         try:
             await request.future
         except asyncio.CancelledError:
-            if request.future.done() or not self.alive:  # the engine has answered (or is gone): nothing pending
+            # Cancelling this task cancels the future it awaits, so the future's state cannot say whether the
+            # engine has answered; its DONE taking the request out of `_pending` can.
+            if job_id not in self._pending or not self.alive:  # the engine has answered (or is gone)
                 self._release(request)
             else:  # the engine may write the block until its DONE for the cancel
                 request.abandoned = True

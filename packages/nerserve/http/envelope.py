@@ -49,9 +49,11 @@ class Envelope:
         self.api_key = api_key.encode() if api_key else None
 
     def _authorized(self, headers: Headers) -> bool:
-        """The key from `Authorization: Bearer` or `Api-Key`, compared in constant time."""
+        """The key from `Authorization: Bearer <key>`, Baseten's `Authorization: Api-Key <key>`, or an
+        `Api-Key` header, compared in constant time."""
         assert self.api_key is not None
-        supplied = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("api-key", "")
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        supplied = credential.strip() if scheme.lower() in ("bearer", "api-key") else headers.get("api-key", "")
         return hmac.compare_digest(supplied.encode("utf-8", "replace"), self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,7 +85,9 @@ class Envelope:
             await send(message)
 
         if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
-            refusal = error_response(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key)"))
+            refusal = error_response(
+                Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
+            )
             await refusal(scope, tracked_receive, send_with_headers)
         else:
             await self.app(scope, tracked_receive, send_with_headers)

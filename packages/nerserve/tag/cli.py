@@ -1,0 +1,160 @@
+"""`nerserve tag INPUT -o OUTPUT`: the command line (the top-level `nerserve` command adds these
+arguments to its `tag` subcommand and calls `main`).
+
+Exit status: 0 when every row has an answer or an error (the last line counts both), 1 when the target
+stayed unreachable (the output so far is kept: rerun the same command to go on), 2 for a usage error
+(an unreadable input, another run's output, bad options), 130 on Ctrl-C (output kept likewise)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..text.aggregation import STRATEGIES
+from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_rows
+from .outputs import FORMATS, open_output
+from .progress import Progress
+from .resume import Mismatch
+from .rows import RequestOptions, Unreachable
+from .run import ENGINE_PACKING, HTTP_PACKING, Packing, Target, tag
+
+DEFAULT_KEY_VARIABLE = "BASETEN_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Tag a corpus: every row of INPUT through the model into OUTPUT, in order, resumable."
+    parser.add_argument("input", type=Path, help=f"rows to tag ({', '.join(EXTENSIONS)})")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json)")
+    parser.add_argument("--format", choices=FORMATS, default="rows", help="rows (id, entities, error) or label-studio")
+    parser.add_argument("--text-field", default="text", help="the text's field or column (default text)")
+    parser.add_argument("--id-field", default="id", help="the id's field or column (default id, else the row index)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--url", help="a server root or a Baseten deployment's base URL (posts to URL/predict_tokens)")
+    where.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run on Ray (ray.init(ADDRESS); no ADDRESS: a local cluster)",
+    )
+    parser.add_argument("--checkpoint", help="in process and on Ray: the checkpoint (default: the configured one)")
+    parser.add_argument("--engine", help="in process and on Ray: the engine (default: as the settings choose)")
+    parser.add_argument("--concurrency", type=int, default=2, help="on Ray: actors, one engine each (default 2)")
+    parser.add_argument("--num-gpus", type=float, default=0, help="on Ray: GPUs per actor (default 0)")
+    parser.add_argument(
+        "--api-key-env",
+        default=DEFAULT_KEY_VARIABLE,
+        metavar="NAME",
+        help=f"with --url: the variable holding the key for Authorization: Api-Key (default {DEFAULT_KEY_VARIABLE})",
+    )
+    parser.add_argument("--aggregation-strategy", type=str.lower, choices=STRATEGIES, default="max")
+    parser.add_argument("--truncate", action="store_true", help="cut texts to the model's length (default: read whole)")
+    parser.add_argument("--truncation-direction", type=str.lower, choices=("right", "left"), default="right")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        help=f"estimated tokens per request (default {HTTP_PACKING.tokens} with --url, else {ENGINE_PACKING.tokens})",
+    )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        help=f"rows per request at most (default {HTTP_PACKING.rows} with --url, else {ENGINE_PACKING.rows})",
+    )
+    parser.add_argument("--max-concurrency", type=int, default=256, help="with --url: requests in flight at most")
+    parser.add_argument("--max-retries", type=int, default=8, help="with --url: retries of a request before giving up")
+    parser.add_argument("--timeout", type=float, default=120.0, help="with --url: seconds to wait for one answer")
+    parser.add_argument("--commit-every", type=float, default=1.0, help="seconds between durable commits")
+    parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUTPUT")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_run(args))
+    except (InputError, Mismatch, ValueError, OSError) as error:
+        print(f"nerserve tag: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nerserve tag: interrupted; what was written is kept, rerun the same command to go on", file=sys.stderr)
+        return 130
+
+
+def _options(args: argparse.Namespace) -> RequestOptions:
+    return RequestOptions(args.aggregation_strategy, args.truncate, args.truncation_direction)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    """The way to run the model; only the in-process and Ray ways import the model stack."""
+    options = _options(args)
+    if args.url:
+        from .http_target import HttpTarget, Limits
+
+        key = os.environ.get(args.api_key_env) or None
+        if args.api_key_env != DEFAULT_KEY_VARIABLE and key is None:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that variable is not set")
+        limits = Limits(ceiling=args.max_concurrency, max_retries=args.max_retries, timeout_s=args.timeout)
+        return HttpTarget(args.url, options, key, limits)
+    if args.ray is not None:
+        from .ray_target import RayTarget
+
+        return RayTarget(args.ray or None, args.concurrency, args.num_gpus, args.checkpoint, args.engine, options)
+    from .local_target import LocalEngine, LocalTarget
+
+    return LocalTarget(LocalEngine(args.checkpoint, args.engine, options))
+
+
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """The input's identity without reading it all: its path, size, and a hash of its first and last 64 KiB."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        digest.update(file.read(1 << 16))
+        file.seek(max(0, size - (1 << 16)))
+        digest.update(file.read(1 << 16))
+    return {"path": str(path.resolve()), "size": size, "sha256_ends": digest.hexdigest()}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    kind_of(args.input)
+    if not args.input.is_file():
+        raise InputError(f"{args.input}: no such file")
+    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency) < 1:
+        raise ValueError("--batch-tokens, --batch-rows, --concurrency and --max-concurrency must be positive")
+    fields = Fields(args.text_field, args.id_field)
+    target = _target(args)
+    try:
+        model = await target.model()
+        fingerprint = {
+            "input": input_fingerprint(args.input),
+            "options": {**dataclasses.asdict(_options(args)), "text_field": fields.text, "id_field": fields.id},
+            "format": args.format,
+            "model": model,
+        }
+        version = str(model.get("model_id") or model.get("url"))
+        writer = open_output(args.output, args.format, fingerprint, args.overwrite, version)
+        if writer is None:
+            print(f"nerserve tag: {args.output} is already complete; --overwrite starts again", file=sys.stderr)
+            return 0
+        progress = Progress(count_rows(args.input), writer.state.rows)
+        rows = read_rows(args.input, fields, start=writer.state.rows)
+        preset = HTTP_PACKING if args.url else ENGINE_PACKING
+        packing = Packing(args.batch_tokens or preset.tokens, args.batch_rows or preset.rows)
+        try:
+            await tag(rows, target, writer, progress, packing, args.commit_every)
+        except Unreachable as error:
+            print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
+            print(f"nerserve tag: {error}; the rows written are kept: rerun the same command to go on", file=sys.stderr)
+            return 1
+        writer.finish()
+        print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
+        return 0
+    except Unreachable as error:
+        print(f"nerserve tag: {error}", file=sys.stderr)
+        return 1
+    finally:
+        await target.close()

@@ -1,0 +1,268 @@
+"""Output writers: `.jsonl` and `.parquet` rows (`id`, `entities`, `error`), and `--format label-studio`
+(tasks with pre-annotations, `.json` as one array or `.jsonl` one task a line). Parquet's `id` column
+is text (an input may mix numeric and string ids); JSON keeps each id as it was.
+
+Nothing written is lost or doubled. Line formats are only appended to: lines are buffered, and a
+commit flushes and fsyncs them before the progress record (resume.py) moves past them, so a rerun
+after a kill cuts the file back to the recorded length (dropping a half-written line) and goes on.
+Parquet rows go to part files, each written under a temporary name, synced and renamed, then recorded;
+at the end the parts are combined into the output, which is renamed into place."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import orjson
+
+from . import resume
+from .rows import Outcome, Row
+
+FORMATS = ("rows", "label-studio")
+#: the Arrow type of one text's entities: what /predict_tokens returns for it (`results`: label -> score)
+ENTITY_FIELDS = (
+    ("token", "string"),
+    ("token_id", "int64"),
+    ("start", "int64"),
+    ("end", "int64"),
+)
+#: Parquet rows buffered before a part file is written (bounded memory, few parts)
+PART_ROWS = 20_000
+
+
+class Writer(Protocol):
+    """Where answers go, in input order. `state.rows` input rows are durable once `commit` returns."""
+
+    state: resume.State
+
+    def add(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None: ...
+
+    def pending(self) -> int:
+        """Rows added since the last commit."""
+        ...
+
+    def commit(self) -> None: ...
+
+    def finish(self) -> None:
+        """Commit, then make the output whole."""
+        ...
+
+
+def entities_type() -> Any:
+    """The fixed Arrow type of the `entities` column (also what ray_target's batches carry)."""
+    import pyarrow as pa
+
+    fields = [pa.field(name, getattr(pa, kind)()) for name, kind in ENTITY_FIELDS]
+    return pa.list_(pa.struct([*fields, pa.field("results", pa.map_(pa.string(), pa.float64()))]))
+
+
+def arrow_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("entities", entities_type()), ("error", pa.string())])
+
+
+def open_output(
+    path: Path, fmt: str, fingerprint: dict[str, Any], overwrite: bool, model_version: str
+) -> Writer | None:
+    """The writer for `path`, continuing a previous run of the same fingerprint where one stopped; None
+    when that run is already complete. Raises resume.Mismatch for another run's output, or for a file
+    this tool did not write."""
+    suffix = path.suffix.lower()
+    if fmt == "label-studio" and suffix not in (".json", ".jsonl"):
+        raise ValueError(f"{path}: --format label-studio writes .json (one array) or .jsonl (a task a line)")
+    if fmt == "rows" and suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: rows are written as .jsonl or .parquet (or --format label-studio)")
+    previous = None if overwrite else resume.load(path)
+    if previous is not None:
+        resume.check(path, previous, fingerprint)
+    elif not overwrite and (path.exists() or _parts(path).exists()):
+        raise resume.Mismatch(
+            f"{path} exists and has no {resume.state_path(path).name} of this tool: "
+            "rerun with --overwrite to replace it, or write to another file"
+        )
+    else:
+        _remove(path)
+    if previous is not None and previous.complete:
+        return None
+    state = previous or resume.State(fingerprint)
+    if suffix == ".parquet":
+        return ParquetWriter(path, state)
+    encode = _label_studio_task(model_version) if fmt == "label-studio" else _row_record
+    return LineWriter(path, state, encode, array=suffix == ".json")
+
+
+def _remove(path: Path) -> None:
+    for stale in (path, resume.state_path(path)):
+        stale.unlink(missing_ok=True)
+    shutil.rmtree(_parts(path), ignore_errors=True)
+
+
+def _parts(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+def _row_record(row: Row, outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, str):
+        return {"id": row.id, "entities": None, "error": outcome}
+    return {"id": row.id, "entities": outcome, "error": None}
+
+
+def _label_studio_task(model_version: str):
+    """A Label Studio task: the text under `data`, the entities as one prediction's `labels` results
+    (each with its score; the prediction's score is their mean). With strategy `none` the special tokens
+    and `O` tokens are left out, as they are not spans to label. A row with an error has no prediction
+    and keeps the error under `meta`."""
+
+    def task(row: Row, outcome: Outcome) -> dict[str, Any]:
+        data = {"text": row.text if row.text is not None else "", "id": row.id}
+        if isinstance(outcome, str):
+            return {"data": data, "predictions": [], "meta": {"error": outcome}}
+        result: list[dict[str, Any]] = []
+        for item in outcome:
+            label, score = next(iter(item["results"].items()))
+            if item["start"] == item["end"] or label == "O":
+                continue
+            value = {"start": item["start"], "end": item["end"], "text": item["token"], "labels": [label]}
+            result.append(
+                {
+                    "id": f"{row.id}-{len(result)}",
+                    "from_name": "label",
+                    "to_name": "text",
+                    "type": "labels",
+                    "value": value,
+                    "score": score,
+                }
+            )
+        mean = sum(r["score"] for r in result) / len(result) if result else 0.0
+        return {"data": data, "predictions": [{"model_version": model_version, "score": mean, "result": result}]}
+
+    return task
+
+
+class LineWriter:
+    """One JSON value a line, or (`array`) one JSON array whose closing bracket is written by `finish`."""
+
+    def __init__(self, path: Path, state: resume.State, encode, array: bool) -> None:
+        self.path, self.state, self.encode, self.array = path, state, encode, array
+        # the file stays open across commits (finish closes it); created when this is the first run
+        self.file: IO[bytes] = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+        self.file.truncate(state.offset)  # drops whatever a killed run wrote past its last commit
+        self.file.seek(state.offset)
+        if array and state.offset == 0:
+            self.file.write(b"[\n")
+        self.added = 0
+
+    def add(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None:
+        dumps, encode = orjson.dumps, self.encode
+        lines = [dumps(encode(row, outcome)) for row, outcome in zip(rows, outcomes, strict=True)]
+        if self.array:
+            first = self.state.rows + self.added == 0
+            self.file.write((b"" if first else b",\n") + b",\n".join(lines))
+        else:
+            lines.append(b"")
+            self.file.write(b"\n".join(lines))
+        self.added += len(rows)
+
+    def pending(self) -> int:
+        return self.added
+
+    def commit(self) -> None:
+        if not self.added and self.state.offset:
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.state.rows += self.added
+        self.state.offset = self.file.tell()
+        self.added = 0
+        resume.save(self.path, self.state)
+
+    def finish(self) -> None:
+        self.commit()
+        if self.array:
+            self.file.write(b"\n]\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.state.complete = True
+        resume.save(self.path, self.state)
+
+
+class ParquetWriter:
+    """Rows buffered into part files of up to PART_ROWS, combined into the output at the end."""
+
+    def __init__(self, path: Path, state: resume.State) -> None:
+        self.path, self.state = path, state
+        self.folder = _parts(path)
+        self.folder.mkdir(exist_ok=True)
+        for part in self.folder.iterdir():  # what a killed run wrote past its last record
+            if part.suffix != ".parquet" or int(part.stem.split("-")[1]) >= state.parts:
+                part.unlink()
+        self.ids: list[str] = []
+        self.entities: list[Any] = []
+        self.errors: list[str | None] = []
+
+    def add(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None:
+        for row, outcome in zip(rows, outcomes, strict=True):
+            self.ids.append(row.id if isinstance(row.id, str) else str(row.id))
+            if isinstance(outcome, str):
+                self.entities.append(None)
+                self.errors.append(outcome)
+            else:
+                self.entities.append(outcome)
+                self.errors.append(None)
+        if len(self.ids) >= PART_ROWS:
+            self.commit()
+
+    def pending(self) -> int:
+        return len(self.ids)
+
+    def _part(self, number: int) -> Path:
+        return self.folder / f"part-{number:06d}.parquet"
+
+    def commit(self) -> None:
+        """Write the buffered rows as the next part (temporary name, synced, renamed), then record it."""
+        if not self.ids:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(
+            [
+                pa.array(self.ids, pa.string()),
+                pa.array(self.entities, entities_type()),
+                pa.array(self.errors, pa.string()),
+            ],
+            schema=arrow_schema(),
+        )
+        part = self._part(self.state.parts)
+        temporary = part.with_suffix(".tmp")
+        pq.write_table(table, temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, part)
+        resume.sync_folder(self.folder)
+        self.state.parts += 1
+        self.state.rows += len(self.ids)
+        self.ids, self.entities, self.errors = [], [], []
+        resume.save(self.path, self.state)
+
+    def finish(self) -> None:
+        """Combine the parts, one at a time, into the output under a temporary name, then rename it."""
+        import pyarrow.parquet as pq
+
+        self.commit()
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with pq.ParquetWriter(temporary, arrow_schema()) as combined:
+            for number in range(self.state.parts):
+                combined.write_table(pq.read_table(self._part(number)))
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        resume.sync_folder(self.path.parent)
+        self.state.complete = True
+        resume.save(self.path, self.state)
+        shutil.rmtree(self.folder)

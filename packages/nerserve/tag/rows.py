@@ -1,0 +1,74 @@
+"""What flows through a tagging job: an input row, its answer, the request options, and the kinds of
+row error (each a fixed word, so the summary counts them and a reader can filter on them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+#: a row's own problems (inputs.py) and the model's refusals of one text (the targets)
+MISSING_TEXT = "missing-text"  # the text field is absent or null
+NOT_A_STRING = "not-a-string"  # the text field holds a number, a list, ...
+NOT_JSON = "not-json"  # a .jsonl line that does not parse, or is not an object
+REFUSED = "refused"  # the server answered this one text with a 4xx (e.g. 413 over its byte limit)
+FAILED = "failed"  # the server or engine failed on this one text (5xx, 504)
+
+
+#: what identifies the model in a run's fingerprint: the keys of /info that change answers; in process and
+#: on Ray the same keys come from the service, so a job may be resumed by another way of running it
+MODEL_KEYS = ("model_id", "checkpoint_sha256", "engine", "precision", "window_stride", "max_input_tokens")
+
+
+class Unreachable(Exception):
+    """The target cannot take the job (down past the retries, a refused key, no such route, an actor
+    lost): the job ends, its output so far kept for the rerun."""
+
+
+def row_error(kind: str, message: str) -> str:
+    """The `error` column's text: the kind first, so `error.split(":")[0]` is the kind."""
+    return f"{kind}: {message}"
+
+
+def error_kind(error: str) -> str:
+    return error.split(":", 1)[0]
+
+
+@dataclasses.dataclass(slots=True)
+class Row:
+    """One input row: its position, its id (the id field, else the position), and its text or what is
+    wrong with it (`error`, already in row_error's form)."""
+
+    index: int
+    id: Any
+    text: str | None
+    error: str | None = None
+
+
+#: one text's answer: the entities as /predict_tokens returns them, or a row error
+Outcome = list[dict[str, Any]] | str
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOptions:
+    """The request fields of API.md that a job sets (`raw_scores` is not offered: a corpus tool keeps
+    the top label)."""
+
+    aggregation_strategy: str = "max"
+    truncate: bool = False
+    truncation_direction: str = "right"
+
+    def payload(self, texts: list[str]) -> dict[str, Any]:
+        """The /predict_tokens body for these texts."""
+        return {
+            "inputs": texts,
+            "aggregation_strategy": self.aggregation_strategy,
+            "truncate": self.truncate,
+            "truncation_direction": self.truncation_direction,
+        }
+
+
+def estimated_tokens(text: str) -> int:
+    """Model tokens of a text, estimated without a tokenizer (the HTTP client has none): about four
+    characters per WordPiece token on English prose, plus [CLS] and [SEP]. Used to pack requests and
+    to show a rate; never to cut a text."""
+    return len(text) // 4 + 2
