@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 import corpus
-from conftest import CONLL_DEV, ROOT, ServerProcess, free_port, real_checkpoint
+from conftest import ROOT, ServerProcess, free_port
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -474,57 +474,3 @@ def test_concurrency_climbs_to_the_targets_capacity_and_no_further() -> None:
     before = limit.limit
     limit.cut()
     assert limit.limit == before // 2
-
-
-def test_a_killed_job_leaves_the_servers_later_answers_right(tmp_path) -> None:
-    """A job SIGKILLed with requests in flight: the server must keep their arena blocks until its engine
-    is done with them, or the next requests (here the rerun's) read or write through them: garbage token
-    ids (500) or other texts' scores. On the real checkpoint and CoNLL dev sentences, slow enough for the
-    kill to find requests at the engine."""
-    import asyncio
-
-    checkpoint = real_checkpoint()
-    sentences, words = [], []
-    for line in CONLL_DEV.read_text(encoding="utf-8").splitlines():  # words are the first column
-        if line.split() and not line.startswith("-DOCSTART-"):
-            words.append(line.split()[0])
-        elif words:
-            sentences.append(" ".join(words))
-            words = []
-    sentences = sentences[:640]
-    chunks = [sentences[i : i + 32] for i in range(0, len(sentences), 32)]
-    server = ServerProcess({"CHECKPOINT": str(checkpoint), "ENGINE": "onnxruntime", "SHUTDOWN_GRACE_S": "0.1"})
-    server.wait_ready()
-    try:
-
-        async def answers() -> list[tuple[int, list]]:
-            limit = asyncio.Semaphore(8)
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-
-                async def one(chunk: list[str]) -> tuple[int, list]:
-                    async with limit:
-                        response = await client.post("/predict_tokens", json={"inputs": chunk})
-                    return response.status_code, response.json()
-
-                return await asyncio.gather(*(one(chunk) for chunk in chunks))
-
-        before = asyncio.run(answers())
-        assert all(status == 200 for status, _ in before)
-        source = write_jsonl(tmp_path / "in.jsonl", [{"text": text} for text in sentences])
-        out = tmp_path / "out.jsonl"
-        job = subprocess.Popen(
-            tag_command(source, "-o", out, "--url", server.url, "--batch-rows", "32"),
-            env=tag_env(),
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.6)  # its first requests at the engine
-        job.send_signal(signal.SIGKILL)
-        job.wait()
-        after = asyncio.run(answers())
-        assert [status for status, _ in after] == [200] * len(chunks), [
-            body for status, body in after if status != 200
-        ][:1]
-        for (_, got), (_, want) in zip(after, before, strict=True):
-            assert all(same_entities(a, b) for a, b in zip(got, want, strict=True))
-    finally:
-        server.stop()
