@@ -46,8 +46,10 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m nerserve serve
 
+# Two pytest-xdist workers, each taking whole test files (module fixtures, such as a file's server, stay
+# one per file); the slowest tests are listed at the end.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 stress: $(STAMP)
 	$(PY) -m pytest -q -m stress tests

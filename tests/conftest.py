@@ -41,6 +41,18 @@ def record(line: str) -> None:
     PARITY.append(line)
 
 
+def pytest_sessionfinish(session) -> None:
+    """Under pytest-xdist (make test runs two workers): a worker hands its figures to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["parity"] = list(PARITY)
+
+
+def pytest_testnodedown(node, error) -> None:
+    """The controller gathers each worker's figures (pytest-xdist's hook)."""
+    PARITY.extend(getattr(node, "workeroutput", {}).get("parity", []))
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     if PARITY:
         terminalreporter.section("parity figures")
@@ -63,8 +75,14 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory) -> None:
     """Exports land in a fresh cache per run, so every run really exports and checks: the derived-artefact
-    cache defaults to HF_HOME/nerserve (Settings.cache_dir), and every server the tests start inherits it."""
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
+    cache defaults to HF_HOME/nerserve (Settings.cache_dir), and every server the tests start inherits it.
+    pytest-xdist's workers share the run's one (beside their own temporary folders): a checkpoint is
+    exported once per run, and two workers exporting it at once each rename a whole file into place."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    home = shared / "hf-home"
+    home.mkdir(exist_ok=True)
+    os.environ["HF_HOME"] = str(home)
 
 
 @pytest.fixture(scope="session")

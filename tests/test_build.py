@@ -116,7 +116,7 @@ def test_cli_writes_a_checked_engine_dir(cli_builds, build_checkpoints, kind):
     if kind == "wordpiece-uncased":
         assert manifest["artefacts"]["onnxruntime"] == {"file": onnx_export.INT8_NAME, "precision": "int8"}
         served = manifest_lib.load_engine_dir(out, build_checkpoints[kind])
-        assert served[:3] == ("onnx", out / onnx_export.INT8_NAME, "int8")
+        assert served[:3] == (Runtime.ONNXRUNTIME, out / onnx_export.INT8_NAME, "int8")
         assert ("entity F1 on eng.testa (20 sentences" in lines) if CONLL.is_file() else ("not measured" in lines)
     graph = onnx.load(str(out / onnx_export.ONNX_NAME))
     assert graph.opset_import[0].version >= onnx_export.OPSET
@@ -135,7 +135,7 @@ def test_served_onnx_answers_as_the_checkpoint(cli_builds, build_checkpoints, ki
 
     checkpoint = build_checkpoints[kind]
     engine_kind, path, precision, _, _ = manifest_lib.load_engine_dir(cli_builds[kind][1], checkpoint, "onnxruntime")
-    assert (engine_kind, path.name, precision) == ("onnx", onnx_export.ORT_OPTIMIZED_NAME, "fp32")
+    assert (engine_kind, path.name, precision) == (Runtime.ONNXRUNTIME, onnx_export.ORT_OPTIMIZED_NAME, "fp32")
     pad = checkpoint.tokenizer.pad_token_id
     sequences = _sequences(checkpoint)
     got = OnnxRuntimeEngine(path, pad).logits(sequences)
@@ -187,7 +187,7 @@ def test_unchanged_dir_is_served(engine_copy, build_checkpoints):
     served = manifest_lib.load_engine_dir(
         engine_copy, build_checkpoints["wordpiece-cased"], here=Platform(None, None, None)
     )
-    assert served == ("onnx", engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32", None, None)
+    assert served == (Runtime.ONNXRUNTIME, engine_copy / onnx_export.ORT_OPTIMIZED_NAME, "fp32", None, None)
 
 
 def test_changed_byte_is_refused(engine_copy, build_checkpoints):
@@ -364,7 +364,7 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
     # which engine "auto" serves (plans are compared in test_tensorrt_engine_matches_onnx_runtime)
     from_dir = InProcessService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder, engine="onnxruntime"))
     direct = InProcessService(Settings(checkpoint=str(checkpoint.path), engine="onnxruntime"))
-    assert from_dir.engine.name == "onnxruntime"
+    assert from_dir.core.engine.name == "onnxruntime"
     for strategy in ("none", "simple", "average"):
         request = parse_request({"inputs": texts, "aggregation_strategy": strategy, "truncate": True}, 1000)
         got, want = from_dir.predict(request), direct.predict(request)
@@ -378,7 +378,7 @@ def test_server_answers_from_the_built_folder_as_from_the_checkpoint(cli_builds,
     direct.close()
     if _no_tensorrt_here() is None:
         auto = InProcessService(Settings(checkpoint=str(checkpoint.path), engine_dir=folder))
-        assert auto.engine.name == "tensorrt"  # why the comparison above names its engine
+        assert auto.core.engine.name == "tensorrt"  # why the comparison above names its engine
         auto.close()
     other = build_checkpoints["wordpiece-uncased"]
     with pytest.raises(ValueError, match="checkpoint"):

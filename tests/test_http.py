@@ -103,7 +103,7 @@ def test_info_metrics_openapi(server) -> None:
         *(f'nerserve_stage_seconds_count{{stage="{stage}"}}' for stage in STAGES),
     ):
         assert name in metrics
-    docs = httpx.get(server.url + "/docs")  # Swagger UI would load its assets from a CDN: there is no such page
+    docs = httpx.get(server.url + "/docs", headers=AUTH)  # Swagger UI would load assets from a CDN: no such page
     assert docs.status_code == 404 and docs.json()["error_type"] == "NotFound"
     spec = httpx.get(server.url + "/openapi.json").json()
     for path in ("/predict_tokens", "/predict", "/v1/models/model:predict", "/health", "/info", "/metrics"):
