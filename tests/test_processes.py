@@ -26,6 +26,7 @@ import requests
 
 import corpus
 from conftest import ROOT, ServerProcess, record
+from nerserve.config import Settings
 
 
 def served_by(process: ServerProcess, route: str = "/predict_tokens") -> Counter:
@@ -82,7 +83,9 @@ def test_a_worker_killed_outright_is_replaced(server) -> None:
 
 
 def test_an_engine_process_killed_outright_ends_the_server(built) -> None:
-    process = ServerProcess({"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"})
+    """The workers answer 503 through their drain (the default grace) while the server ends, status 1."""
+    settings = {"CHECKPOINT": str(built("wordpiece-cased")), "ENGINE": "onnxruntime", "WORKERS": "2"}
+    process = ServerProcess({**settings, "SHUTDOWN_GRACE_S": str(Settings().shutdown_grace_s)})
     process.wait_ready()
     engine = int(re.search(r"engine process (\d+) loading", process.output(tail=None)).group(1))
     os.kill(engine, signal.SIGKILL)

@@ -14,7 +14,7 @@ row's error), so a bad row is a row and never fails the job.
 actors of the same class (a GPU each with `--num-gpus`), this package shipped to the cluster's workers
 as a runtime-env module. The command's own reader feeds them and its writer keeps order and resume,
 so the job streams, and a rerun continues where a kill stopped it. Ray is an optional extra
-(requirements-dev.txt)."""
+(the `ray` extra, requirements-ray.txt)."""
 
 from __future__ import annotations
 
