@@ -24,10 +24,12 @@ $(STAMP): requirements.txt requirements-ray.txt requirements-dev.txt pyproject.t
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
-	# --no-compile: Python compiles the modules it imports when it first imports them, instead of pip
-	# compiling every file of torch, ray and the rest up front (more than half of a fresh install's time).
+	# pip would compile every installed file on one core (more than half of a fresh install's time);
+	# compileall does it on every core, so no process of the tests compiles what it imports. A file that
+	# does not compile (a template, another Python's source shipped in a package) is skipped, as pip skips it.
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
+	$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null || true
 	# the package itself, editable: the `nerserve` command ($(VENV)/bin/nerserve) over packages/ as it is
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
@@ -57,7 +59,7 @@ stress: $(STAMP)
 	$(PY) -m pytest -q -m stress tests
 
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
-	$(PY) -m pip install -q --no-compile -r requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
