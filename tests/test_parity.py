@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 import pytest
-from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+from transformers import AutoModelForTokenClassification, AutoTokenizer, TokenClassificationPipeline, pipeline
 
 import corpus
 from conftest import real_checkpoint, record
@@ -32,6 +32,22 @@ def service(path: str, engine: str) -> InProcessService:
 
 
 @functools.cache
+def _pipeline_forwards(
+    path: str, truncation_side: str, stride: int | None, texts: tuple[str, ...]
+) -> tuple[TokenClassificationPipeline, list[list[dict]]]:
+    """The pipeline and its model outputs for each text's chunks, as its own `run_single` makes them
+    (preprocess, then forward per chunk): what every strategy's postprocess then reads."""
+    tokenizer = AutoTokenizer.from_pretrained(path, truncation_side=truncation_side)
+    chunking = {"stride": stride, "aggregation_strategy": "simple"} if stride is not None else {}
+    classifier = pipeline("token-classification", model=path, tokenizer=tokenizer, **chunking)
+    preprocess, forward, _ = classifier._sanitize_parameters(**chunking)
+    outputs = [
+        [classifier.forward(chunk, **forward) for chunk in classifier.preprocess(text, **preprocess)] for text in texts
+    ]
+    return classifier, outputs
+
+
+@functools.cache
 def oracle(
     path: str,
     strategy: str,
@@ -39,15 +55,12 @@ def oracle(
     stride: int | None = None,
     texts: tuple[str, ...] = tuple(TEXTS),
 ) -> list[list[dict]]:
-    """The pipeline's answers (cached: several engines compare against the same ones)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, truncation_side=truncation_side)
+    """The pipeline's answers: its postprocess under `strategy` over its own model outputs, which are
+    computed once for every strategy (cached, as several engines compare against the same answers)."""
+    classifier, outputs = _pipeline_forwards(path, truncation_side, stride, texts)
     extra = {"ignore_labels": []} if strategy == "none" else {}
-    if stride is not None:
-        extra["stride"] = stride
-    classifier = pipeline(
-        "token-classification", model=path, tokenizer=tokenizer, aggregation_strategy=strategy, **extra
-    )
-    return [list(answer) for answer in classifier(list(texts), batch_size=16)]
+    _, _, postprocess = classifier._sanitize_parameters(aggregation_strategy=strategy, **extra)
+    return [list(classifier.postprocess(chunks, **postprocess)) for chunks in outputs]
 
 
 def ours(path: str, engine: str, texts: list[str], **request) -> list[list[dict]]:
