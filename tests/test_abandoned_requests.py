@@ -19,17 +19,11 @@ import httpx
 import orjson
 
 from conftest import CONLL_DEV, ROOT, ServerProcess, real_checkpoint
+from nerserve.export.conll import read_conll
 
 
 def conll_sentences(count: int) -> list[str]:
-    sentences, words = [], []
-    for line in CONLL_DEV.read_text(encoding="utf-8").splitlines():  # words are the first column
-        if line.split() and not line.startswith("-DOCSTART-"):
-            words.append(line.split()[0])
-        elif words:
-            sentences.append(" ".join(words))
-            words = []
-    return sentences[:count]
+    return [" ".join(words) for words, _ in read_conll(CONLL_DEV, count)]
 
 
 def spans(items: list[dict]) -> list[tuple]:
