@@ -7,7 +7,7 @@ import sys
 
 import replay_engine
 
-from nerserve.cli import load_settings
+from nerserve.config import load_settings
 from nerserve.engine.process import serve_engine
 from nerserve.http.worker import serve_worker
 from nerserve.logs import configure

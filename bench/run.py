@@ -41,6 +41,7 @@ import load  # noqa: E402 - bench/load.py, on the path above
 import orjson  # noqa: E402
 
 from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
+from nerserve.export.conll import read_conll  # noqa: E402
 from nerserve.scores import TokenScores  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -57,23 +58,8 @@ DEFAULT_CONLL = SHARED / "data" / "conll2003" / "eng.testa"
 
 def conll_sentences(path: Path) -> tuple[list[str], list[list[str]], list[list[str]]]:
     """Dev sentences as text (words joined by spaces), with their words and gold tags."""
-    texts, words, tags, cur_w, cur_t = [], [], [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if not parts or parts[0] == "-DOCSTART-":
-            if cur_w:
-                texts.append(" ".join(cur_w))
-                words.append(cur_w)
-                tags.append(cur_t)
-            cur_w, cur_t = [], []
-            continue
-        cur_w.append(parts[0])
-        cur_t.append(parts[-1])
-    if cur_w:
-        texts.append(" ".join(cur_w))
-        words.append(cur_w)
-        tags.append(cur_t)
-    return texts, words, tags
+    sentences = read_conll(path)
+    return [" ".join(words) for words, _ in sentences], [w for w, _ in sentences], [t for _, t in sentences]
 
 
 def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int = 400) -> list[str]:

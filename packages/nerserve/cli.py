@@ -1,6 +1,7 @@
 """The `nerserve` command (also `python -m nerserve`): `serve`, `build-engine` and `tag`, as users of
-`vllm serve` and `text-embeddings-router` expect. Each subcommand imports what it runs only when it runs,
-so `nerserve --help` and a light subcommand stay fast.
+`vllm serve` and `text-embeddings-router` expect. The parser reads each subcommand's arguments from
+its own module (export/build.py, tag/cli.py); what a subcommand runs (the server's processes, the
+model stack) is imported only when it runs.
 
 `serve` takes every setting as a flag (`--max-num-tokens 2048`), generated from `Settings` itself: a flag
 wins over `NERSERVE_*` variables, which win over config.yaml's model_metadata."""
@@ -9,26 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from . import __version__
-from .config import ENV_PREFIX, Settings, config_path, read_config
+from .config import ENV_PREFIX, Settings, load_settings
 
 #: Settings fields that are not flags: the hub token is a secret (HF_TOKEN, or Truss's secret), the
 #: mounts come from config.yaml's weights
 _NOT_FLAGS = ("hf_token", "mounts", "checkpoint")
-
-
-def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
-    """config.yaml's settings under NERSERVE_* variables, under `overrides` (flags given on the command
-    line, None for those not given); ValueError names a setting that cannot work."""
-    environ = dict(os.environ)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            environ[ENV_PREFIX + name.upper()] = str(value)
-    return Settings.from_config(read_config(config_path()), environ=environ)
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:

@@ -151,6 +151,16 @@ class Settings:
         return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "nerserve"
 
 
+def load_settings(overrides: Mapping[str, object] | None = None) -> Settings:
+    """config.yaml's settings under NERSERVE_* variables, under `overrides` (flags given on the command
+    line, None for those not given); ValueError names a setting that cannot work."""
+    environ = dict(os.environ)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            environ[ENV_PREFIX + name.upper()] = str(value)
+    return Settings.from_config(read_config(config_path()), environ=environ)
+
+
 def mounted_weights(config: Mapping[str, Any]) -> dict[str, str]:
     """Hub repositories that Truss's `weights` (config.yaml) mirror at deploy time and mount in the
     container, as {"owner/repo@revision": mount folder} (revision "main" where the source names none)."""

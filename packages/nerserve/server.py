@@ -33,11 +33,14 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ENGINE_STOP_S, Runtime, Settings
 from .metrics import MULTIPROC_DIR, process_gone
 from .platform import nvidia_devices, usable_cores
+
+if TYPE_CHECKING:  # a type only: the supervisor imports nothing of the model stack
+    from .engine.core import EngineLoader
 
 log = logging.getLogger(__name__)
 #: a spawned process's entry point: a module-level function, as the child imports it by name
@@ -57,7 +60,11 @@ class Supervisor:
     """Starts, watches and stops the engine process and the workers."""
 
     def __init__(
-        self, settings: Settings, engine_target: Target, worker_target: Target, engine_loader: Callable | None = None
+        self,
+        settings: Settings,
+        engine_target: Target,
+        worker_target: Target,
+        engine_loader: EngineLoader | None = None,
     ) -> None:
         """`engine_target(settings, address, authkey, status, engine_loader)` and
         `worker_target(settings, socket, address, authkey)` are the processes' entry points;

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..config import AUTO, Runtime, Settings, config_path, read_config
+from ..config import AUTO, Runtime, Settings, config_path, load_settings
 from ..logs import configure
 from ..platform import Platform, current_platform
 from .manifest import load_engine_dir
@@ -88,7 +88,7 @@ def main() -> int:
     configure(logging.INFO, "start")
     path = config_path()
     try:
-        settings = Settings.from_config(read_config(path))
+        settings = load_settings()
         assignments = choose_engine_folder(settings, current_platform(), path.parent / "data" / "engine")
     except Exception as error:  # one line, the cause: the container stops and the platform shows it
         print(f"nerserve: cannot start: {error}", file=sys.stderr)

@@ -7,7 +7,6 @@ this module is light; the model stack is imported when an engine is made."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,15 +26,10 @@ class LocalEngine:
     """The service (tokenizer, engine, scheduler) in this process, answering lists of texts."""
 
     def __init__(self, checkpoint: str | None, engine: str | None, options: RequestOptions) -> None:
-        from ..config import Settings, config_path, read_config
+        from ..config import load_settings
         from ..service import InProcessService
 
-        settings = Settings.from_config(read_config(config_path()))
-        if checkpoint:
-            settings = dataclasses.replace(settings, checkpoint=checkpoint_setting(checkpoint) or checkpoint)
-        if engine:
-            settings = dataclasses.replace(settings, engine=engine)
-        settings.validate()
+        settings = load_settings({"checkpoint": checkpoint_setting(checkpoint), "engine": engine})
         self.options = options
         self.max_texts = settings.max_texts
         self.service = InProcessService(settings)
