@@ -75,9 +75,10 @@ bench: $(BENCH_STAMP)
 screenshot: $(STAMP)
 	UPDATE_SCREENSHOT=1 $(PY) -m pytest -q tests/test_ui.py -k screenshot
 
-# The checkpoint, precision and budget default to the server's (config.yaml, engine defaults).
+# build/build_engine.py (build/README.md): the checkpoint, precision and budget default to the server's
+# (config.yaml, engine defaults).
 build-engine: $(STAMP)
-	$(PY) -m nerserve build-engine --out "$(OUT)"
+	$(PY) build/build_engine.py --out "$(OUT)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,8 +16,8 @@ import argparse
 import sys
 
 import numpy as np
-from load import closed_loop, engine_batch_seconds, predict_requests, server_env, start
-from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences, paragraphs, requests_of
+from load import closed_loop, engine_batch_seconds, paragraphs, predict_requests, requests_of, server_env, start
+from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ def _entities(items):
 
 def check_packed(path: Path, texts: list[str], words=None, tags=None) -> dict:
     import torch
-    from run import paragraphs
+    from load import paragraphs
 
     from nerserve.checkpoint import load_checkpoint
     from nerserve.engines.torch_engine import TorchEngine

@@ -38,13 +38,15 @@ from load import (
     closed_loop,
     engine_batch_seconds,
     free_port,
+    paragraphs,
     predict_requests,
+    requests_of,
     server_env,
     start,
     tree_cpu_seconds,
 )
 from replay_engine import REPLAY_FILE, record
-from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences, machine_name, paragraphs, requests_of
+from run import DEFAULT_CONLL, DEFAULT_MODEL, conll_sentences, machine_name
 
 #: the last commit whose server was one process (the split into processes came after it)
 SINGLE_PROCESS_COMMIT = "9acd544"

@@ -1,4 +1,5 @@
-"""What the HTTP benches share: starting a server process, a lean load generator, and CPU accounting.
+"""What the HTTP benches share: starting a server process, the requests (CoNLL sentences and paragraphs),
+a lean load generator, and CPU accounting.
 
 The load generator is a closed loop over raw keep-alive sockets (prepared request bytes, a response read
 by its Content-Length), one selector in its own process, so it costs a few tens of microseconds per
@@ -97,6 +98,26 @@ def tree_cpu_seconds(pid: int) -> float:
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(child) for child in (task / "children").read_text().split()]
     return total
+
+
+def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int = 400) -> list[str]:
+    """Consecutive sentences joined until 200-400 model tokens."""
+    out, cur, n = [], [], 0
+    for text, c in zip(texts, counts, strict=True):
+        if n + c > high and n >= low:
+            out.append(" ".join(cur))
+            cur, n = [], 0
+        if c > high:
+            continue
+        cur.append(text)
+        n += int(c) - (2 if cur[:-1] else 0)
+    return out
+
+
+def requests_of(items: list, per: int) -> list[list]:
+    """Consecutive requests of `per` items, as the HTTP bench sends them (one shorter request when
+    there are fewer than `per` items, so a small --sentences still measures something)."""
+    return [items[i : i + per] for i in range(0, len(items) - per + 1, per)] or [items]
 
 
 def request_bytes(path: str, body: bytes) -> bytes:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from load import paragraphs, requests_of
 from run import (
     DEFAULT_CONLL,
     DEFAULT_MODEL,
@@ -24,8 +25,6 @@ from run import (
     bench_engine,
     build_bert_base,
     conll_sentences,
-    paragraphs,
-    requests_of,
 )
 
 

@@ -39,6 +39,7 @@ sys.path[:0] = [str(ROOT / "packages"), str(ROOT / "bench")]
 import httpx  # noqa: E402
 import load  # noqa: E402 - bench/load.py, on the path above
 import orjson  # noqa: E402
+from load import paragraphs, requests_of  # noqa: E402
 
 from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
 from nerserve.export.conll import read_conll  # noqa: E402
@@ -60,26 +61,6 @@ def conll_sentences(path: Path) -> tuple[list[str], list[list[str]], list[list[s
     """Dev sentences as text (words joined by spaces), with their words and gold tags."""
     sentences = read_conll(path)
     return [" ".join(words) for words, _ in sentences], [w for w, _ in sentences], [t for _, t in sentences]
-
-
-def paragraphs(texts: list[str], counts: np.ndarray, low: int = 200, high: int = 400) -> list[str]:
-    """Consecutive sentences joined until 200-400 model tokens."""
-    out, cur, n = [], [], 0
-    for text, c in zip(texts, counts, strict=True):
-        if n + c > high and n >= low:
-            out.append(" ".join(cur))
-            cur, n = [], 0
-        if c > high:
-            continue
-        cur.append(text)
-        n += int(c) - (2 if cur[:-1] else 0)
-    return out
-
-
-def requests_of(items: list, per: int) -> list[list]:
-    """Consecutive requests of `per` items, as the HTTP bench sends them (one shorter request when
-    there are fewer than `per` items, so a small --sentences still measures something)."""
-    return [items[i : i + per] for i in range(0, len(items) - per + 1, per)] or [items]
 
 
 def machine_name() -> dict:

@@ -1,7 +1,9 @@
-"""The layout's rules, read from the code itself: the package has no import cycle (imports inside
-functions count), the host's half (http/, text/) imports nothing of the engine side, a worker and the
-supervisor start without torch or transformers, errors carry nothing of HTTP, and each setting, logging
-set-up and error status has one home."""
+"""The layout's rules, read from the code itself (docs/house.md draws them): no import cycle between the
+package's modules nor between its parts (subpackages and top modules), nor in bench/ (imports inside
+functions and under TYPE_CHECKING count: both are dependencies a reader must follow); engines load and
+export makes (engines/ imports nothing of export/); the host's half (http/, text/) imports nothing of
+the engine side; a worker and the supervisor start without torch or transformers; errors carry nothing
+of HTTP; and each setting, logging set-up and error status has one home."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import dataclasses
 import inspect
 import subprocess
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -31,21 +34,11 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
-def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    """True inside `if TYPE_CHECKING:`: such imports never run."""
-    while node in parents:
-        node = parents[node]
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return True
-    return False
-
-
-def imports_of(name: str) -> set[str]:
-    """The package's modules `name` imports when it runs, anywhere in it (functions included): each
-    imported module, a `from X import y` module y, and the packages whose __init__ an import runs."""
-    path = MODULES[name]
+def imports_of(name: str, path: Path, modules: Collection[str]) -> set[str]:
+    """The `modules` that module `name` (at `path`) imports anywhere in it (functions and TYPE_CHECKING
+    blocks included): each imported module, a `from X import y` module y, and the packages whose
+    __init__ an import runs."""
     tree = ast.parse(path.read_text())
-    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -60,22 +53,35 @@ def imports_of(name: str) -> set[str]:
             targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         else:
             continue
-        if _type_checking_only(node, parents):
-            continue
         for target in targets:
             parts = target.split(".")
             for end in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
                 prefix = ".".join(parts[:end])
-                if prefix in MODULES and prefix != name:
+                if prefix in modules and prefix != name:
                     found.add(prefix)
     return found
 
 
-GRAPH = {name: imports_of(name) for name in MODULES}
+GRAPH = {name: imports_of(name, path, MODULES) for name, path in MODULES.items()}
 
 
-def test_the_package_has_no_import_cycle_counting_imports_inside_functions() -> None:
-    """Tarjan's strongly connected components over the import graph: every component is one module."""
+def part_of(module: str) -> str:
+    """The part a module belongs to: its subpackage (`nerserve.http`), or itself for a top module."""
+    return ".".join(module.split(".")[:2])
+
+
+#: the parts' graph: part -> the other parts its modules import (the package's own __init__ left out: it
+#: holds the version, which every part may read)
+PARTS = {
+    part: {part_of(t) for m in GRAPH if part_of(m) == part for t in GRAPH[m]} - {part, "nerserve"}
+    for part in {part_of(m) for m in GRAPH} - {"nerserve"}
+}
+BENCH = {path.stem: path for path in (ROOT / "bench").glob("*.py")}
+BENCH_GRAPH = {name: imports_of(name, path, BENCH) for name, path in BENCH.items()}
+
+
+def cycles_of(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one node: each is an import cycle."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -84,7 +90,7 @@ def test_the_package_has_no_import_cycle_counting_imports_inside_functions() -> 
     def visit(node: str) -> None:
         index[node] = low[node] = len(index)
         stack.append(node)
-        for child in GRAPH[node]:
+        for child in graph[node]:
             if child not in index:
                 visit(child)
                 low[node] = min(low[node], low[child])
@@ -100,11 +106,35 @@ def test_the_package_has_no_import_cycle_counting_imports_inside_functions() -> 
             if len(component) > 1:
                 cycles.append(sorted(component))
 
-    for node in sorted(GRAPH):
+    for node in sorted(graph):
         if node not in index:
             visit(node)
+    return cycles
+
+
+def test_the_package_has_no_import_cycle_counting_imports_inside_functions() -> None:
     assert len(GRAPH) > 40 and any(GRAPH.values())  # the graph was read: the rule is not vacuous
-    assert cycles == []
+    assert cycles_of(GRAPH) == []
+
+
+def test_the_package_parts_have_no_import_cycle() -> None:
+    """Subpackages and top modules as nodes: `text` may use `schemas`, or the reverse, never both."""
+    assert {"nerserve.http", "nerserve.engines", "nerserve.export", "nerserve.schemas"} <= set(PARTS)
+    assert cycles_of(PARTS) == []
+
+
+def test_bench_has_no_import_cycle() -> None:
+    assert {"run", "load", "check_packed"} <= set(BENCH) and any(BENCH_GRAPH.values())
+    assert cycles_of(BENCH_GRAPH) == []
+
+
+def test_engines_load_and_export_makes() -> None:
+    """engines/ (what loads and runs an engine folder) imports nothing of export/ (what makes one); the
+    folder's format is below both (engine_folder.py), and export/ may import engines/ to check its work."""
+    crossing = {m: sorted(t for t in GRAPH[m] if part_of(t) == "nerserve.export") for m in GRAPH}
+    engines = {m: targets for m, targets in crossing.items() if part_of(m) == "nerserve.engines" and targets}
+    assert "nerserve.engines.ort_engine" in GRAPH and engines == {}
+    assert "nerserve.engine_folder" in PARTS["nerserve.engines"] & PARTS["nerserve.export"]
 
 
 def test_the_host_half_imports_nothing_of_the_engine_side() -> None:

@@ -19,12 +19,12 @@ import pytest
 
 import checkpoints
 import corpus
+from nerserve import engine_folder as manifest_lib
 from nerserve.checkpoint import Checkpoint, load_checkpoint
 from nerserve.config import Runtime
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
 from nerserve.export import conll, onnx_export
-from nerserve.export import manifest as manifest_lib
 from nerserve.platform import Platform, current_platform
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,15 +41,16 @@ def build_checkpoints(tmp_path_factory) -> dict[str, Checkpoint]:
 
 @pytest.fixture(scope="session")
 def cli_builds(build_checkpoints, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """`python -m nerserve build-engine` once per kind, side by side (int8 with a short F1 for wordpiece-uncased)."""
+    """One build per kind, side by side (int8 with a short F1 for wordpiece-uncased): the BPE one through the
+    build script `make build-engine` runs (build/build_engine.py), the others as `python -m nerserve
+    build-engine`, the same builder by its two doors."""
     running = {}
     for kind, checkpoint in build_checkpoints.items():
         out = tmp_path_factory.mktemp("engine") / kind
+        door = ["build/build_engine.py"] if kind == "bpe" else ["-m", "nerserve", "build-engine"]
         command = [
             sys.executable,
-            "-m",
-            "nerserve",
-            "build-engine",
+            *door,
             "--checkpoint",
             str(checkpoint.path),
             "--out",

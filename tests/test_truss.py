@@ -22,8 +22,8 @@ from packaging.requirements import Requirement
 from truss.base.truss_config import TrussConfig
 
 from conftest import SEED, free_port
+from nerserve import engine_folder as manifest_lib
 from nerserve.checkpoint import load_checkpoint
-from nerserve.export import manifest as manifest_lib
 from nerserve.platform import Platform
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +147,8 @@ def test_context_copies_the_project_into_the_image(context):
     ):
         assert f" {copy}\n" in dockerfile + "\n", f"Dockerfile lacks COPY {copy}"
     assert (context / "data" / "engine" / "manifest.json").is_file()
-    for folder, into in (("model", "model"), ("packages", "packages"), ("build", "packages")):
+    # build/ is the toolchain's door for people; the image's start runs the same builder from packages/
+    for folder, into in (("model", "model"), ("packages", "packages")):
         for path in (REPO / folder).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:
                 assert (context / into / path.relative_to(REPO / folder)).is_file(), f"{path} not in the image"
@@ -305,7 +306,7 @@ def app(tmp_path) -> Path:
 # The fake build: logs its arguments, writes a stand-in plan and ONNX, and the manifest the real build writes.
 _FAKE_BUILD = """
 import argparse, json, pathlib, sys
-from nerserve.export import manifest
+from nerserve import engine_folder as manifest
 from nerserve.checkpoint import load_checkpoint
 from nerserve.platform import current_platform
 p = argparse.ArgumentParser()

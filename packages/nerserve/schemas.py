@@ -5,14 +5,15 @@ field, not a silent coercion."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from .errors import Empty, Invalid, PayloadTooLarge
-from .text.aggregation import STRATEGIES
 
 Strategy = Literal["none", "simple", "first", "average", "max"]
+#: the aggregation strategies, in API.md's order (the corpus tool's choices too)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Direction = Literal["right", "left"]
 
 

@@ -20,6 +20,7 @@ from ..config import Settings
 from ..engines.base import Engine
 from ..engines.selection import load_engine
 from ..errors import ApiError
+from ..export.startup import served_artefact
 from ..scores import TokenScores
 from ..text.frontend import Frontend, warm_up
 from ..text.tokenization import TextTokenizer
@@ -28,6 +29,12 @@ from .scheduler import BatchObserver, Job, Scheduler
 log = logging.getLogger(__name__)
 #: settings and checkpoint -> the engine to serve with (its `max_num_tokens` set)
 EngineLoader = Callable[[Settings, Checkpoint], Engine]
+
+
+def load_served_engine(settings: Settings, checkpoint: Checkpoint) -> Engine:
+    """The default loader: what is served is decided and made first (export/startup.py), then the
+    chosen runtime loads it (engines/selection.py)."""
+    return load_engine(settings, checkpoint, served_artefact(settings, checkpoint))
 
 
 class EngineCore:
@@ -40,7 +47,7 @@ class EngineCore:
         observe_queue: Callable[[float], None] | None = None,
         engine_loader: EngineLoader | None = None,
     ) -> None:
-        """`engine_loader` makes the engine (None: `load_engine`, the runtime the settings choose); the
+        """`engine_loader` makes the engine (None: `load_served_engine`, the runtime the settings choose); the
         bench gives its own to measure everything but the model."""
         self.settings = settings
         self.checkpoint: Checkpoint = load_checkpoint(
@@ -49,7 +56,7 @@ class EngineCore:
         self.tokenizer = TextTokenizer(
             self.checkpoint.tokenizer, self.checkpoint.max_input_tokens, settings.window_stride
         )
-        self.engine = (engine_loader or load_engine)(settings, self.checkpoint)
+        self.engine = (engine_loader or load_served_engine)(settings, self.checkpoint)
         self.scheduler = Scheduler(
             self.engine, settings.batch_wait_ms, settings.queue_size, observe_batch, observe_queue
         )

@@ -20,7 +20,7 @@ from .batching import budget_batches
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
     from ..config import Settings
-    from ..export.manifest import EngineArtefact
+    from ..engine_folder import EngineArtefact
 
 
 class Engine(abc.ABC):

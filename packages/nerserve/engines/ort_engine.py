@@ -15,7 +15,7 @@ from .base import Engine, pad_batch, per_sequence
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
     from ..config import Settings
-    from ..export.manifest import EngineArtefact
+    from ..engine_folder import EngineArtefact
 
 
 class OnnxRuntimeEngine(Engine):
@@ -46,17 +46,11 @@ class OnnxRuntimeEngine(Engine):
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, settings: Settings, artefact: EngineArtefact | None) -> OnnxRuntimeEngine:
-        """The folder's graph, or the checkpoint's own checked export (float32: int8 comes from a build)."""
-        if artefact is not None:
-            return cls(artefact.path, pad_id=checkpoint.pad_id, precision=artefact.precision)
-        if settings.precision not in (None, "fp32"):
-            raise ValueError(
-                f"onnxruntime serves the checkpoint in fp32; precision {settings.precision} needs an engine_dir "
-                "built with it (`make build-engine PRECISION=int8`)"
-            )
-        from ..export.onnx_export import cached_onnx
-
-        return cls(cached_onnx(checkpoint, settings.cache_dir), pad_id=checkpoint.pad_id)
+        """The ONNX file it is handed: an engine folder's graph, or the checkpoint's own checked export
+        (export/startup.served_artefact makes it; this runtime only loads)."""
+        if artefact is None or artefact.kind != Runtime.ONNXRUNTIME:
+            raise ValueError("onnxruntime serves an ONNX file: an engine_dir's, or the checkpoint's own export")
+        return cls(artefact.path, pad_id=checkpoint.pad_id, precision=artefact.precision)
 
     def logits(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         return per_sequence(self._real_logits(sequences), sequences)

@@ -12,7 +12,7 @@ import logging
 
 from ..checkpoint import Checkpoint
 from ..config import AUTO, Runtime, Settings
-from ..export.manifest import EngineArtefact, load_engine_dir
+from ..engine_folder import EngineArtefact
 from ..platform import cuda_available
 from .base import Engine
 
@@ -30,21 +30,11 @@ def choose_runtime(settings: Settings, artefact: EngineArtefact | None) -> Runti
     return Runtime.ONNXRUNTIME
 
 
-def load_engine(settings: Settings, checkpoint: Checkpoint) -> Engine:
-    """The engine the settings choose, with its batch budget (`engine.max_num_tokens`) resolved: the
-    setting, or the engine's own default, lowered to what a TensorRT plan was built for."""
-    artefact: EngineArtefact | None = None
-    if settings.engine_dir and settings.engine != Runtime.TORCH:
-        # Refuses, saying why, a folder built from another checkpoint, GPU, TensorRT or precision, or tampered with.
-        artefact = load_engine_dir(
-            settings.engine_dir,
-            checkpoint,
-            engine=settings.engine,
-            precision=settings.precision,
-            max_num_tokens=settings.max_num_tokens,
-        )
-        if artefact.note:
-            log.warning("%s", artefact.note)
+def load_engine(settings: Settings, checkpoint: Checkpoint, artefact: EngineArtefact | None) -> Engine:
+    """The engine the settings choose, loaded from `artefact` (what export/startup.served_artefact made
+    or checked: a TensorRT plan or an ONNX file; None for PyTorch, which serves the checkpoint itself),
+    with its batch budget (`engine.max_num_tokens`) resolved: the setting, or the engine's own default,
+    lowered to what a TensorRT plan was built for."""
     choice = choose_runtime(settings, artefact)
     log.info("engine: %s", choice)
     runtime = engine_class(choice)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..config import Runtime, Settings
-from ..export.manifest import EngineArtefact, read_manifest
+from ..engine_folder import EngineArtefact, read_manifest
 from ..scores import TokenScores
 from .base import FEEDS, Engine, pad_batch, per_sequence, scores_of_tensor
 

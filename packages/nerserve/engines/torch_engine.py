@@ -23,7 +23,7 @@ import numpy as np
 
 from ..checkpoint import Checkpoint
 from ..config import Runtime, Settings
-from ..export.manifest import EngineArtefact
+from ..engine_folder import EngineArtefact
 from ..scores import TokenScores
 from .base import Engine, pad_batch, per_sequence, scores_of_tensor
 

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from .. import engine_folder as manifest_lib
 from ..checkpoint import Checkpoint, CheckpointUnavailable, load_checkpoint
 from ..config import PRECISIONS, Runtime, Settings
 from ..engines.tensorrt_engine import TensorRTEngine
 from ..platform import Platform, current_platform
-from . import manifest as manifest_lib
 from . import onnx_export
 from .conll import conll_f1, read_conll
 

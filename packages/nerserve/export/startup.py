@@ -1,11 +1,15 @@
-"""What the container does before the server starts (`python -m nerserve.export.startup`, run by
-model/start.sh): decide which TensorRT engine folder the server will serve, or where to build one.
+"""What is decided and made before an engine loads: the artefact the engine process serves
+(`served_artefact`: a checked engine folder's plan or graph, or the checkpoint's own checked ONNX
+export, made here), and what the container does before the server starts (`python -m
+nerserve.export.startup`, run by model/start.sh): decide which TensorRT engine folder the server will
+serve, or where to build one. Engines only load what they are handed (engines/ imports nothing of
+export/).
 
 With engine `auto` or `tensorrt`, no `engine_dir` set, and a GPU and TensorRT present, the server
 should get a TensorRT plan for this checkpoint, GPU, TensorRT version, precision and batch budget:
 the folder shipped in the image (`data/engine`) when it fits, else the one in the engine cache (on
 Baseten, b10cache survives restarts and is shared by replicas), else a new one built there. Whether a
-folder fits is decided by `export/manifest.load_engine_dir`, the check the server itself runs at load.
+folder fits is decided by `engine_folder.load_engine_dir`, the check the server itself runs at load.
 
 Prints shell assignments for start.sh: `engine_dir=<folder>` (serve it), or `build_dir=<folder>` with
 the build's arguments, or nothing (the server chooses its engine alone). A checkpoint that cannot be
@@ -24,13 +28,42 @@ from pathlib import Path
 
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..config import AUTO, Runtime, Settings, config_path, load_settings
+from ..engine_folder import EngineArtefact, load_engine_dir
+from ..engines.selection import choose_runtime
 from ..logs import configure
 from ..platform import Platform, current_platform
-from .manifest import load_engine_dir
+from .onnx_export import cached_onnx
 
 log = logging.getLogger(__name__)
 #: Baseten's b10cache, deployment scope: survives restarts, shared by the deployment's replicas
 DEFAULT_ENGINE_CACHE = Path("/cache/model/nerserve-engines")
+
+
+def served_artefact(settings: Settings, checkpoint: Checkpoint) -> EngineArtefact | None:
+    """What the engine serves: the `engine_dir` folder's plan or graph where one is set (refused, saying
+    why, when it was built from another checkpoint, GPU, TensorRT or precision, or was tampered with);
+    else for ONNX Runtime the checkpoint's own fp32 export, made and checked against PyTorch once and
+    cached; None where the runtime serves the checkpoint itself (PyTorch)."""
+    if settings.engine_dir and settings.engine != Runtime.TORCH:
+        artefact = load_engine_dir(
+            settings.engine_dir,
+            checkpoint,
+            engine=settings.engine,
+            precision=settings.precision,
+            max_num_tokens=settings.max_num_tokens,
+        )
+        if artefact.note:
+            log.warning("%s", artefact.note)
+        return artefact
+    if choose_runtime(settings, None) != Runtime.ONNXRUNTIME:
+        return None
+    if settings.precision not in (None, "fp32"):
+        raise ValueError(
+            f"onnxruntime serves the checkpoint in fp32; precision {settings.precision} needs an engine_dir "
+            "built with it (`make build-engine PRECISION=int8`)"
+        )
+    onnx = cached_onnx(checkpoint, settings.cache_dir)
+    return EngineArtefact(Runtime.ONNXRUNTIME, onnx, "fp32", settings.max_num_tokens, None)  # ONNX takes any budget
 
 
 def engine_cache(settings: Settings) -> Path:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..text.aggregation import STRATEGIES
+from ..schemas import STRATEGIES
 from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_rows
 from .outputs import FORMATS, open_output
 from .progress import Progress

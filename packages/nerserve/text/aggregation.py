@@ -24,7 +24,6 @@ import numpy as np
 from ..scores import TokenScores, softmax
 from .tokenization import TextTokenizer, Window
 
-STRATEGIES = ("none", "simple", "first", "average", "max")
 IGNORED_GROUPS = frozenset({"O"})  # the pipeline's default ignore_labels
 
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..checkpoint import Checkpoint
-from ..config import AUTO, Runtime
-from ..platform import Platform, current_platform
+from .checkpoint import Checkpoint
+from .config import AUTO, Runtime
+from .platform import Platform, current_platform
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
