@@ -317,18 +317,18 @@ def test_a_parquet_output_or_part_missing_since_its_record_is_refused(stub, tmp_
 
 
 def test_parquet_parts_are_sized_by_rows_not_by_commits(stub, tmp_path) -> None:
-    """2,000 rows committed every 0.01 s, 10 rows a request: one part (so one row group in the output),
-    not one per commit; with --part-rows 500, four of 500."""
-    source, out = corpus(tmp_path, 2000), tmp_path / "out.parquet"
+    """1,000 rows committed every 0.01 s, 10 rows a request: one part (so one row group in the output),
+    not one per commit; with --part-rows 250, four of 250."""
+    source, out = corpus(tmp_path, 1000), tmp_path / "out.parquet"
     args = [source, "-o", out, "--url", stub.url, "--batch-rows", "10", "--commit-every", "0.01"]
     result = tag(*args)
     assert result.returncode == 0, result.stderr
     assert pq.ParquetFile(out).metadata.num_row_groups == 1
-    assert_same_rows(rows_of(out), expected(2000))
-    result = tag(*args, "--part-rows", "500", "--overwrite")
+    assert_same_rows(rows_of(out), expected(1000))
+    result = tag(*args, "--part-rows", "250", "--overwrite")
     assert result.returncode == 0, result.stderr
     metadata = pq.ParquetFile(out).metadata
-    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [500] * 4
+    assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [250] * 4
 
 
 def test_the_api_key_from_a_file_never_from_the_command_line(stub, tmp_path) -> None:
@@ -358,6 +358,6 @@ def test_in_process_a_full_queue_is_waited_out(built, tmp_path) -> None:
     model = ["--checkpoint", built("wordpiece-cased"), "--engine", "onnxruntime", "--batch-rows", "4"]
     result = tag(source, "-o", out, *model, env={"NERSERVE_QUEUE_SIZE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "queue full x" in result.stderr
     rows = rows_of(out)
     assert len(rows) == len(TEXTS) and all(row["error"] is None for row in rows), Counter(row["error"] for row in rows)
+    assert "queue full x" in result.stderr  # the test did meet a full queue
