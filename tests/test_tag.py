@@ -282,6 +282,8 @@ def test_sigkill_and_rerun_equal_an_uninterrupted_run(main_server, corpus_jsonl,
     args = [corpus_jsonl, "-o", out, "--url", main_server.url, "--max-concurrency", "1", "--batch-rows", "2"]
     if suffix == ".json":
         args += ["--format", "label-studio"]
+    if suffix == ".parquet":
+        args += ["--part-rows", "2"]  # a part a request, so the kill falls between recorded parts
     written = _kill_mid_run([*tag_command(*args, "--commit-every", "0")], out, len(TEXTS))
     if suffix != ".parquet":
         with open(out, "ab") as file:

@@ -3,7 +3,12 @@ arguments to its `tag` subcommand and calls `main`).
 
 Exit status: 0 when every row has an answer or an error (the last line counts both), 1 when the target
 stayed unreachable (the output so far is kept: rerun the same command to go on), 2 for a usage error
-(an unreadable input, another run's output, bad options), 130 on Ctrl-C (output kept likewise)."""
+(an unreadable input, another run's output, an output changed since its record, bad options), 130 on
+Ctrl-C (output kept likewise).
+
+The API key never travels on the command line, where `ps` shows it to every user of the machine: it
+comes from a variable (`--api-key-env`) or a file (`--api-key-file`). Options are never abbreviated,
+so `--api-key SECRET` is refused rather than read as `--api-key-env SECRET`."""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ from typing import Any
 
 from ..schemas import STRATEGIES
 from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_rows
-from .outputs import FORMATS, open_output
+from .outputs import FORMATS, PART_ROWS, open_output
 from .progress import Progress
-from .resume import Mismatch
+from .resume import Damaged, Mismatch
 from .rows import RequestOptions, Unreachable
 from .run import ENGINE_PACKING, HTTP_PACKING, Packing, Target, tag
 
@@ -29,6 +34,7 @@ DEFAULT_KEY_VARIABLE = "BASETEN_API_KEY"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Tag a corpus: every row of INPUT through the model into OUTPUT, in order, resumable."
+    parser.allow_abbrev = False  # read at parse time: no prefix of one option is taken for another
     parser.add_argument("input", type=Path, help=f"rows to tag ({', '.join(EXTENSIONS)})")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json)")
     parser.add_argument("--format", choices=FORMATS, default="rows", help="rows (id, entities, error) or label-studio")
@@ -47,11 +53,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", help="in process and on Ray: the engine (default: as the settings choose)")
     parser.add_argument("--concurrency", type=int, default=2, help="on Ray: actors, one engine each (default 2)")
     parser.add_argument("--num-gpus", type=float, default=0, help="on Ray: GPUs per actor (default 0)")
-    parser.add_argument(
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument(
         "--api-key-env",
         default=DEFAULT_KEY_VARIABLE,
         metavar="NAME",
         help=f"with --url: the variable holding the key for Authorization: Api-Key (default {DEFAULT_KEY_VARIABLE})",
+    )
+    key.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="PATH",
+        help="with --url: a file holding the key (surrounding white space stripped)",
     )
     parser.add_argument("--aggregation-strategy", type=str.lower, choices=STRATEGIES, default="max")
     parser.add_argument("--truncate", action="store_true", help="cut texts to the model's length (default: read whole)")
@@ -70,13 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-retries", type=int, default=8, help="with --url: retries of a request before giving up")
     parser.add_argument("--timeout", type=float, default=120.0, help="with --url: seconds to wait for one answer")
     parser.add_argument("--commit-every", type=float, default=1.0, help="seconds between durable commits")
+    parser.add_argument(
+        "--part-rows",
+        type=int,
+        default=PART_ROWS,
+        help=f"Parquet output: rows per part file (default {PART_ROWS:,}; a kill costs at most these again)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUTPUT")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_run(args))
-    except (InputError, Mismatch, ValueError, OSError) as error:
+    except (InputError, Mismatch, Damaged, ValueError, OSError) as error:
         print(f"nerserve tag: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -94,9 +113,7 @@ def _target(args: argparse.Namespace) -> Target:
     if args.url:
         from .http_target import HttpTarget, Limits
 
-        key = os.environ.get(args.api_key_env) or None
-        if args.api_key_env != DEFAULT_KEY_VARIABLE and key is None:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that variable is not set")
+        key = _api_key(args)
         limits = Limits(ceiling=args.max_concurrency, max_retries=args.max_retries, timeout_s=args.timeout)
         return HttpTarget(args.url, options, key, limits)
     if args.ray is not None:
@@ -106,6 +123,23 @@ def _target(args: argparse.Namespace) -> Target:
     from .local_target import LocalEngine, LocalTarget
 
     return LocalTarget(LocalEngine(args.checkpoint, args.engine, options))
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file (stripped), else from the variable --api-key-env names (none when the
+    default variable is unset: a server without a key)."""
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it ({error})") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the file is empty")
+        return key
+    key = os.environ.get(args.api_key_env) or None
+    if args.api_key_env != DEFAULT_KEY_VARIABLE and key is None:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that variable is not set")
+    return key
 
 
 def input_fingerprint(path: Path) -> dict[str, Any]:
@@ -123,8 +157,10 @@ async def _run(args: argparse.Namespace) -> int:
     kind_of(args.input)
     if not args.input.is_file():
         raise InputError(f"{args.input}: no such file")
-    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency) < 1:
-        raise ValueError("--batch-tokens, --batch-rows, --concurrency and --max-concurrency must be positive")
+    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency, args.part_rows) < 1:
+        raise ValueError(
+            "--batch-tokens, --batch-rows, --concurrency, --max-concurrency and --part-rows must be positive"
+        )
     fields = Fields(args.text_field, args.id_field)
     target = _target(args)
     try:
@@ -136,7 +172,7 @@ async def _run(args: argparse.Namespace) -> int:
             "model": model,
         }
         version = str(model.get("model_id") or model.get("url"))
-        writer = open_output(args.output, args.format, fingerprint, args.overwrite, version)
+        writer = open_output(args.output, args.format, fingerprint, args.overwrite, version, args.part_rows)
         if writer is None:
             print(f"nerserve tag: {args.output} is already complete; --overwrite starts again", file=sys.stderr)
             return 0

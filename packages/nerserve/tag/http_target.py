@@ -2,13 +2,21 @@
 
 A light client (httpx, orjson; neither torch nor transformers). Requests arrive packed by the
 runner; as many are kept in flight as raise the rate of answers (concurrency.py: it climbs while
-answers come faster, halves on 429, 503, 504 and timeouts). A refused request waits for its
-`Retry-After` (else an exponential back-off) and is sent again, up to `max_retries` times; past that
-the target is unreachable and the job ends, its output kept. Behind one URL any number of replicas
+answers come faster, halves on 429, 503, 504 and timeouts). Behind one URL any number of replicas
 share the load, as Baseten spreads it.
 
-A packed request that the server refuses for its content (400, 413, 422) or fails (500, 504) is sent
-again one text a time, so only the text at fault gets the row error."""
+What an answer means for the rows:
+- 200: one answer per text.
+- 400, 413, 422 (any 4xx but 401/403/404/405, 408 and 429): the request's content is refused. A
+  packed request is sent again one text a time, so only the text at fault gets the row error (`refused`).
+- 500: an engine failure. A packed request is sent again one text a time; a text that alone gets it
+  TEXT_RETRIES + 1 times is that row's error (`failed`), the summary says how many.
+- 429, 503, 504, any other 5xx, 408, a timeout, a lost connection: the target's state, not the rows'.
+  Waited for (its `Retry-After`, else an exponential back-off) and sent again, up to `max_retries`
+  times; a packed request that got 504 goes again as two halves (a request too large to finish within
+  the server's timeout gets smaller). Past the retries the target is unreachable: the job ends with
+  nothing of those rows written, so a rerun sends them again. Never a row's error.
+- 401, 403, 404, 405: every request would get the same; the job ends at once."""
 
 from __future__ import annotations
 
@@ -28,10 +36,13 @@ from .rows import FAILED, MODEL_KEYS, REFUSED, Outcome, RequestOptions, Unreacha
 
 #: statuses that say "this client is wrong" (key, URL): every request would get them, so the job stops
 FATAL = {401: "the API key was refused", 403: "the API key was refused", 404: "no such route", 405: "no such route"}
-#: statuses that concern a request's texts: sent again one text a time
-PER_TEXT = {500, 504}
-#: a text that alone gets a 500 or 504 this many times in a row is that row's error, not the target's
+#: a text that alone gets a 500 this many times more is that row's error (the engine fails on it)
 TEXT_RETRIES = 2
+
+
+def about_content(status: int) -> bool:
+    """A 4xx that concerns the request's texts (FATAL ones and 408/429 are not about its content)."""
+    return 400 <= status < 500 and status not in FATAL and status not in (408, 429)
 
 
 @dataclasses.dataclass
@@ -105,19 +116,35 @@ class HttpTarget:
 
     async def model(self) -> dict[str, Any]:
         """What identifies the model for the resume fingerprint: the server's /info (model, checkpoint
-        hash, engine, precision, window overlap), or the URL where the deployment does not route /info."""
-        response = await self._send("GET", self.url + "/info", None)
-        if response.status_code in (401, 403):  # every request would be refused: say so before anything is written
-            raise Unreachable(f"{self.url}/info: {FATAL[response.status_code]} ({_problem(response)})")
-        if response.status_code != 200:
-            return {"url": self.url}
-        info = orjson.loads(response.content)
-        return {key: info.get(key) for key in MODEL_KEYS}
-
-    async def answer(self, texts: list[str]) -> list[Outcome]:
-        """One outcome per text, in order; raises Unreachable when the target cannot be reached."""
-        body = orjson.dumps(self.options.payload(texts))
+        hash, engine, precision, window overlap), or the URL where the deployment does not route /info
+        (404, 405). A server still loading (503), overloaded or unreachable is waited for like any
+        request, and past the retries the job ends before anything is written: the fingerprint never
+        depends on when the job started relative to the model's load."""
+        url = self.url + "/info"
         attempt = 0
+        while True:
+            response = await self._send("GET", url, None)
+            status = response.status_code
+            if status == 200:
+                try:
+                    info = orjson.loads(response.content)
+                except orjson.JSONDecodeError:
+                    info = None
+                if not isinstance(info, dict):
+                    raise Unreachable(f"{url} answered 200 with something other than a JSON object")
+                return {key: info.get(key) for key in MODEL_KEYS}
+            if status in (401, 403):  # every request would be refused: say so before anything is written
+                raise Unreachable(f"{url}: {FATAL[status]} ({_problem(response)})")
+            if status in (404, 405) or about_content(status):
+                return {"url": self.url}
+            attempt += 1
+            await self._back_off(str(status), attempt, retry_after(response), f"{url}: {_problem(response)}")
+
+    async def answer(self, texts: list[str], attempt: int = 0) -> list[Outcome]:
+        """One outcome per text, in order (as the module says); raises Unreachable when the target cannot
+        be reached. `attempt`: retries already spent on these texts (a half of a request inherits them,
+        so a run of 504s ends after `max_retries` whatever the halving)."""
+        body = orjson.dumps(self.options.payload(texts))
         while True:
             response = await self._send("POST", self.endpoint, body)
             status = response.status_code
@@ -128,18 +155,21 @@ class HttpTarget:
                 return answers
             if status in FATAL:
                 raise Unreachable(f"{self.endpoint}: {FATAL[status]} ({_problem(response)})")
-            about_content = 400 <= status < 500 and status not in (408, 429)
-            if (about_content or status in PER_TEXT) and len(texts) > 1:
-                if status == 504:
-                    self.concurrency.cut()
+            if (about_content(status) or status == 500) and len(texts) > 1:
                 alone = await asyncio.gather(*(self.answer([text]) for text in texts))
                 return [outcomes[0] for outcomes in alone]
-            if about_content:
+            if about_content(status):
                 return [row_error(REFUSED, _problem(response))]
             attempt += 1
-            if status in PER_TEXT and attempt > TEXT_RETRIES:
+            if status == 500 and attempt > TEXT_RETRIES:
                 return [row_error(FAILED, _problem(response))]
             await self._back_off(str(status), attempt, retry_after(response), f"{self.endpoint}: {_problem(response)}")
+            if status == 504 and len(texts) > 1:
+                half = len(texts) // 2
+                first, second = await asyncio.gather(
+                    self.answer(texts[:half], attempt), self.answer(texts[half:], attempt)
+                )
+                return first + second
 
     async def _send(self, method: str, url: str, body: bytes | None) -> httpx.Response:
         """One request inside the concurrency limit (a 200 counts towards its rate); connection failures

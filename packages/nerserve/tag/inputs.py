@@ -3,8 +3,14 @@
 `.jsonl`: one JSON object a line, the text under `text_field`, the id under `id_field` (else the
 row's index); blank lines are not rows. `.csv` and `.parquet`: columns of those names, read by Arrow
 in blocks. `.txt`: every line is a text, its index the id. A row's own fault (a line that is not
-JSON, a missing or non-string text) is that row's error; a file without the text column at all is a
-usage error raised before any row, since every row would fail the same way."""
+JSON, a missing or non-string text, bytes that are not UTF-8) is that row's error; a file without the
+text column at all is a usage error raised before any row, since every row would fail the same way.
+
+Bytes are decoded per row, so one bad row is not the job's end: a .txt line at a time, a .jsonl line
+told apart from bad JSON, and Arrow's text columns read as binary (Arrow's CSV reader fails the whole
+block on one invalid UTF-8 value of a string column; a Parquet string column may hold invalid UTF-8
+too, which Arrow reads but Python cannot), validated a batch at once and decoded one by one only
+where the batch holds a bad value."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from .rows import MISSING_TEXT, NOT_A_STRING, NOT_JSON, Row, row_error
+from .rows import MISSING_TEXT, NOT_A_STRING, NOT_JSON, NOT_UTF8, Row, row_error
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet", ".txt")
 #: rows per Arrow batch read from CSV and Parquet: large enough to amortize Arrow's call, small
@@ -88,6 +94,11 @@ def _row(index: int, record: Any, fields: Fields) -> Row:
     return Row(index, row_id, text)
 
 
+def _not_utf8(index: int, error: UnicodeDecodeError) -> Row:
+    byte = error.object[error.start]
+    return Row(index, index, None, row_error(NOT_UTF8, f"row {index}: byte 0x{byte:02x} at {error.start} is not UTF-8"))
+
+
 def _jsonl(path: Path, fields: Fields, start: int) -> Iterator[Row]:
     index = 0
     with open(path, "rb") as file:
@@ -98,22 +109,41 @@ def _jsonl(path: Path, fields: Fields, start: int) -> Iterator[Row]:
                 try:
                     record = orjson.loads(line)
                 except orjson.JSONDecodeError as error:
-                    yield Row(index, index, None, row_error(NOT_JSON, f"row {index}: {error}"))
+                    try:  # only a line that does not parse pays for this check
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as undecodable:
+                        yield dataclasses.replace(_not_utf8(index, undecodable), id=_jsonl_id(line, index, fields))
+                    else:
+                        yield Row(index, index, None, row_error(NOT_JSON, f"row {index}: {error}"))
                 else:
                     yield _row(index, record, fields)
             index += 1
 
 
+def _jsonl_id(line: bytes, index: int, fields: Fields) -> Any:
+    """The id of a line that is not UTF-8, read with its bad bytes replaced (else the row's index), so
+    its error row still names the record."""
+    try:
+        record = orjson.loads(line.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        return index
+    found = record.get(fields.id) if isinstance(record, dict) else None
+    return index if found is None else found
+
+
 def _txt(path: Path, start: int) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as file:
+    with open(path, "rb") as file:  # lines end at b"\n" only, as count_rows counts them
         for index, line in enumerate(file):
             if index >= start:
-                yield Row(index, index, line.removesuffix("\n"))
+                try:
+                    yield Row(index, index, line.removesuffix(b"\n").decode("utf-8"))
+                except UnicodeDecodeError as error:
+                    yield _not_utf8(index, error)
 
 
 def _arrow(path: Path, kind: str, fields: Fields, start: int) -> Iterator[Row]:
-    """CSV and Parquet, in Arrow batches; only the text and id columns are read (a CSV's as text, as
-    CSV holds nothing else: a numeric-looking id stays the string it was)."""
+    """CSV and Parquet, in Arrow batches; only the text and id columns are read (a CSV's as binary, as
+    CSV holds nothing but text: a numeric-looking id stays the string it was)."""
     import pyarrow as pa
 
     if kind == "parquet":
@@ -132,24 +162,51 @@ def _arrow(path: Path, kind: str, fields: Fields, start: int) -> Iterator[Row]:
         header = pcsv.open_csv(path, read_options=head, parse_options=parse).schema.names
         _require(path, fields.text, header)
         columns = [name for name in (fields.text, fields.id) if name in header]
-        as_text = {fields.text: pa.string(), fields.id: pa.string()}
-        convert = pcsv.ConvertOptions(include_columns=columns, column_types=as_text, strings_can_be_null=False)
+        as_bytes = {fields.text: pa.binary(), fields.id: pa.binary()}
+        convert = pcsv.ConvertOptions(include_columns=columns, column_types=as_bytes, strings_can_be_null=False)
         batches = iter(pcsv.open_csv(path, parse_options=parse, convert_options=convert))
     index = 0
     for batch in batches:
         if index + batch.num_rows <= start:
             index += batch.num_rows
             continue
-        texts = batch.column(fields.text).to_pylist()
-        ids = batch.column(fields.id).to_pylist() if fields.id in batch.schema.names else [None] * len(texts)
+        texts = _values(batch.column(fields.text))
+        ids = _values(batch.column(fields.id)) if fields.id in batch.schema.names else [None] * len(texts)
         for text, found in zip(texts, ids, strict=True):
             if index >= start:
+                if isinstance(found, bytes):  # an id that is not UTF-8 still names its row
+                    found = found.decode("utf-8", "backslashreplace")
                 row_id = index if found is None else found
                 if isinstance(text, str):
                     yield Row(index, row_id, text)
+                elif isinstance(text, bytes):
+                    try:
+                        yield Row(index, row_id, text.decode("utf-8"))
+                    except UnicodeDecodeError as error:
+                        yield dataclasses.replace(_not_utf8(index, error), id=row_id)
                 else:
                     yield _row(index, {fields.id: row_id, fields.text: text}, fields)
             index += 1
+
+
+def _values(column: Any) -> list[Any]:
+    """An Arrow column's values: text as `str` where the whole batch is UTF-8 (one check in Arrow),
+    else as `bytes`, for the caller to decode row by row; other types as Arrow gives them."""
+    import pyarrow as pa
+
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        text = pa.large_string() if pa.types.is_large_binary(kind) else pa.string()
+        try:
+            return column.cast(text).to_pylist()
+        except pa.ArrowInvalid:
+            return column.to_pylist()
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            return column.view(pa.large_binary() if pa.types.is_large_string(kind) else pa.binary()).to_pylist()
+    return column.to_pylist()
 
 
 def _require(path: Path, column: str, names: list[str]) -> None:

@@ -5,8 +5,14 @@ is text (an input may mix numeric and string ids); JSON keeps each id as it was.
 Nothing written is lost or doubled. Line formats are only appended to: lines are buffered, and a
 commit flushes and fsyncs them before the progress record (resume.py) moves past them, so a rerun
 after a kill cuts the file back to the recorded length (dropping a half-written line) and goes on.
-Parquet rows go to part files, each written under a temporary name, synced and renamed, then recorded;
-at the end the parts are combined into the output, which is renamed into place."""
+Parquet rows go to part files of `part_rows` rows (a part per commit would make thousands of tiny
+ones), each written under a temporary name, synced and renamed, then recorded; the rows buffered
+for the next part are written as a part when the job stops (done, the target unreachable, Ctrl-C),
+and after a kill they are tagged again. At the end the parts are combined into the output, which is
+renamed into place.
+
+A rerun first checks that the output still holds what the record says (`check_intact`): an output
+deleted, cut short or replaced since is refused, never taken as complete nor padded to its length."""
 
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ ENTITY_FIELDS = (
     ("start", "int64"),
     ("end", "int64"),
 )
-#: Parquet rows buffered before a part file is written (bounded memory, few parts)
+#: Parquet rows buffered before a part file is written, by default (bounded memory, few parts; a kill
+#: costs at most this many rows tagged again)
 PART_ROWS = 20_000
 
 
@@ -44,7 +51,10 @@ class Writer(Protocol):
         """Rows added since the last commit."""
         ...
 
-    def commit(self) -> None: ...
+    def commit(self, stopping: bool = False) -> None:
+        """Make what was added durable and record it (Parquet: once a part's worth is buffered, or
+        whatever is buffered when `stopping`, as the job ends here)."""
+        ...
 
     def finish(self) -> None:
         """Commit, then make the output whole."""
@@ -66,11 +76,16 @@ def arrow_schema() -> Any:
 
 
 def open_output(
-    path: Path, fmt: str, fingerprint: dict[str, Any], overwrite: bool, model_version: str
+    path: Path,
+    fmt: str,
+    fingerprint: dict[str, Any],
+    overwrite: bool,
+    model_version: str,
+    part_rows: int = PART_ROWS,
 ) -> Writer | None:
     """The writer for `path`, continuing a previous run of the same fingerprint where one stopped; None
     when that run is already complete. Raises resume.Mismatch for another run's output, or for a file
-    this tool did not write."""
+    this tool did not write; resume.Damaged for an output that no longer holds what its record says."""
     suffix = path.suffix.lower()
     if fmt == "label-studio" and suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: --format label-studio writes .json (one array) or .jsonl (a task a line)")
@@ -79,6 +94,7 @@ def open_output(
     previous = None if overwrite else resume.load(path)
     if previous is not None:
         resume.check(path, previous, fingerprint)
+        check_intact(path, previous)
     elif not overwrite and (path.exists() or _parts(path).exists()):
         raise resume.Mismatch(
             f"{path} exists and has no {resume.state_path(path).name} of this tool: "
@@ -87,12 +103,48 @@ def open_output(
     else:
         _remove(path)
     if previous is not None and previous.complete:
+        shutil.rmtree(_parts(path), ignore_errors=True)  # a kill between the last record and this removal
         return None
     state = previous or resume.State(fingerprint)
     if suffix == ".parquet":
-        return ParquetWriter(path, state)
+        return ParquetWriter(path, state, part_rows)
     encode = _label_studio_task(model_version) if fmt == "label-studio" else _row_record
     return LineWriter(path, state, encode, array=suffix == ".json")
+
+
+def check_intact(path: Path, state: resume.State) -> None:
+    """Raise resume.Damaged unless the output holds at least what `state` records: the line formats'
+    recorded bytes, Parquet's recorded parts (or, once complete, the whole file) with their rows."""
+    record = resume.state_path(path).name
+    again = "it cannot be continued: rerun with --overwrite to start again, or write to another file"
+    if path.suffix.lower() != ".parquet":
+        if not path.is_file():
+            if state.offset or state.complete:
+                written = f"{state.rows:,} rows ({state.offset:,} bytes) written"
+                raise resume.Damaged(f"{path} is missing, but {record} records {written}; {again}")
+            return
+        size = path.stat().st_size
+        if size < state.offset:
+            raise resume.Damaged(
+                f"{path} is {size:,} bytes, shorter than the {state.offset:,} bytes ({state.rows:,} rows) "
+                f"that {record} records as written: it was cut or replaced since; {again}"
+            )
+        return
+    files = [path] if state.complete else [_part(path, number) for number in range(state.parts)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for file in files:
+        if not file.is_file():
+            raise resume.Damaged(f"{file} is missing, but {record} records {state.rows:,} rows written; {again}")
+        try:
+            rows += pq.read_metadata(file).num_rows
+        except (OSError, pa.ArrowException):
+            raise resume.Damaged(f"{file} is not a whole Parquet file (cut or replaced since); {again}") from None
+    if rows != state.rows:
+        held = f"{path} holds" if state.complete else f"the {len(files)} parts in {_parts(path)} hold"
+        raise resume.Damaged(f"{held} {rows:,} rows, but {record} records {state.rows:,}; {again}")
 
 
 def _remove(path: Path) -> None:
@@ -103,6 +155,10 @@ def _remove(path: Path) -> None:
 
 def _parts(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
+
+
+def _part(path: Path, number: int) -> Path:
+    return _parts(path) / f"part-{number:06d}.parquet"
 
 
 def _row_record(row: Row, outcome: Outcome) -> dict[str, Any]:
@@ -170,7 +226,7 @@ class LineWriter:
     def pending(self) -> int:
         return self.added
 
-    def commit(self) -> None:
+    def commit(self, stopping: bool = False) -> None:
         if not self.added and self.state.offset:
             return
         self.file.flush()
@@ -192,10 +248,11 @@ class LineWriter:
 
 
 class ParquetWriter:
-    """Rows buffered into part files of up to PART_ROWS, combined into the output at the end."""
+    """Rows buffered into part files of `part_rows` (or a few more: whole chunks are added), combined
+    into the output at the end."""
 
-    def __init__(self, path: Path, state: resume.State) -> None:
-        self.path, self.state = path, state
+    def __init__(self, path: Path, state: resume.State, part_rows: int) -> None:
+        self.path, self.state, self.part_rows = path, state, part_rows
         self.folder = _parts(path)
         self.folder.mkdir(exist_ok=True)
         for part in self.folder.iterdir():  # what a killed run wrote past its last record
@@ -214,18 +271,15 @@ class ParquetWriter:
             else:
                 self.entities.append(outcome)
                 self.errors.append(None)
-        if len(self.ids) >= PART_ROWS:
-            self.commit()
+        self.commit()
 
     def pending(self) -> int:
         return len(self.ids)
 
-    def _part(self, number: int) -> Path:
-        return self.folder / f"part-{number:06d}.parquet"
-
-    def commit(self) -> None:
-        """Write the buffered rows as the next part (temporary name, synced, renamed), then record it."""
-        if not self.ids:
+    def commit(self, stopping: bool = False) -> None:
+        """Write the buffered rows as the next part (temporary name, synced, renamed), then record it;
+        only once `part_rows` are buffered, unless `stopping`."""
+        if not self.ids or (len(self.ids) < self.part_rows and not stopping):
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -238,7 +292,7 @@ class ParquetWriter:
             ],
             schema=arrow_schema(),
         )
-        part = self._part(self.state.parts)
+        part = _part(self.path, self.state.parts)
         temporary = part.with_suffix(".tmp")
         pq.write_table(table, temporary)
         with open(temporary, "rb") as file:
@@ -254,11 +308,11 @@ class ParquetWriter:
         """Combine the parts, one at a time, into the output under a temporary name, then rename it."""
         import pyarrow.parquet as pq
 
-        self.commit()
+        self.commit(stopping=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
         with pq.ParquetWriter(temporary, arrow_schema()) as combined:
             for number in range(self.state.parts):
-                combined.write_table(pq.read_table(self._part(number)))
+                combined.write_table(pq.read_table(_part(self.path, number)))
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, self.path)

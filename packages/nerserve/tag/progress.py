@@ -2,8 +2,9 @@
 
 On a terminal: a tqdm bar (rows, estimated tokens/s, ETA). Elsewhere (a log file, a CI job) a plain
 line every few seconds, as a bar's carriage returns would make one endless line. The summary gives
-rows, tokens, wall time, retries by reason and errors by kind; its last line counts the answered rows
-and the error rows, which together are every row of the input."""
+rows, tokens, wall time, retries by reason and errors by kind (rows the engine failed on get a line of
+their own, as the one kind that is not the row's own fault); its last line counts the answered rows and
+the error rows, which together are every row of the input."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TextIO
 
-from .rows import Outcome, error_kind
+from .rows import FAILED, Outcome, error_kind
 
 
 def _duration(seconds: float) -> str:
@@ -78,8 +79,14 @@ class Progress:
         retried = ", ".join(f"{reason} x{count}" for reason, count in sorted(retries.items())) or "none"
         errors = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items())) or "none"
         total_errors = sum(self.errors.values())
-        return [
+        lines = [
             f"nerserve tag: {self.rows:,} rows{earlier} in {elapsed:.2f} s, ~{self.tokens:,} tokens "
-            f"(~{self.rate():,.0f} tokens/s); retries: {retried}; errors by kind: {errors}",
-            f"done: {self.answered:,} rows answered, {total_errors:,} rows with an error -> {output}",
+            f"(~{self.rate():,.0f} tokens/s); retries: {retried}; errors by kind: {errors}"
         ]
+        if self.errors[FAILED]:
+            lines.append(
+                f"note: {self.errors[FAILED]:,} rows failed in the engine (HTTP 500 for that text alone, after "
+                "retries): kept as those rows' errors, kind failed; the server's log has the cause"
+            )
+        lines.append(f"done: {self.answered:,} rows answered, {total_errors:,} rows with an error -> {output}")
+        return lines

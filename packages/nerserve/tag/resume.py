@@ -1,7 +1,8 @@
 """The record of a job's progress beside its output (`OUTPUT.state.json`): what run wrote it (a
 fingerprint of the options, the model and the input), how many input rows are durably written and
 where the output's durable bytes end. It is replaced atomically after every commit, so after a kill
-the output holds at least what it says; a rerun cuts the output back to it and goes on from there."""
+the output holds at least what it says; a rerun cuts the output back to it and goes on from there (an
+output that holds less than that was changed since, and is refused: outputs.check_intact)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ import orjson
 
 class Mismatch(Exception):
     """The output was written by another run (other options, model or input), or not by this tool."""
+
+
+class Damaged(Exception):
+    """The output no longer holds what its record says was written (deleted, cut short, replaced):
+    continuing would pad it or call it complete, so the job does not start."""
 
 
 @dataclasses.dataclass

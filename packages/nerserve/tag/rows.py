@@ -10,8 +10,12 @@ from typing import Any
 MISSING_TEXT = "missing-text"  # the text field is absent or null
 NOT_A_STRING = "not-a-string"  # the text field holds a number, a list, ...
 NOT_JSON = "not-json"  # a .jsonl line that does not parse, or is not an object
+NOT_UTF8 = "not-utf8"  # the row's bytes (a .txt or .jsonl line, a CSV or Parquet text) are not UTF-8
 REFUSED = "refused"  # the server answered this one text with a 4xx (e.g. 413 over its byte limit)
-FAILED = "failed"  # the server or engine failed on this one text (5xx, 504)
+FAILED = "failed"  # the engine failed on this one text alone, after retries (HTTP 500)
+#: what the target's state causes (overload, loading, timeouts, a lost connection) is never a row's error:
+#: it is retried, and past the retries the job stops (Unreachable) with nothing of it written, so a rerun
+#: sends those rows again
 
 
 #: what identifies the model in a run's fingerprint: the keys of /info that change answers; in process and

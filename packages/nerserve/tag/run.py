@@ -4,7 +4,9 @@ Requests complete in any order; their answers wait until every earlier row is wr
 keeps the input's order and holds each row exactly once. At most `target.window` requests are out at
 a time (each at most `Packing.rows` rows), which bounds memory whatever the input's size. The writer
 commits about every `commit_every_s` seconds; on the way out (done, a target that stays unreachable,
-Ctrl-C) what was written is committed, so a rerun goes on from there."""
+Ctrl-C) what was written is committed, so a rerun goes on from there. Rows are only written with their
+answers or their own errors: a target that fails them past its retries raises Unreachable, and the
+rows from the first one so failed on are left for the rerun."""
 
 from __future__ import annotations
 
@@ -110,4 +112,4 @@ async def tag(
         for _, task in pending:
             task.cancel()
         await asyncio.gather(*(task for _, task in pending), return_exceptions=True)
-        writer.commit()
+        writer.commit(stopping=True)
