@@ -99,11 +99,11 @@ class Frontend:
         request = prepared.request
         started = time.perf_counter()
         if request.aggregation_strategy != "none":
-            items = self.answer(prepared, scores)
+            entities = self.answer(prepared, scores)
             made = time.perf_counter()
             if given_up():
                 raise Cancelled("the request was given up while its answer was made")
-            return Encoded(orjson.dumps(items), made - started, time.perf_counter() - made)
+            return Encoded(orjson.dumps(entities), made - started, time.perf_counter() - made)
         rows = self.aggregator.token_rows(prepared.texts, prepared.windows, scores)
         timings = [time.perf_counter() - started, 0.0]
 
