@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 import corpus
 from conftest import ServerProcess
-from nerserve.errors import Cancelled
+from nerserve.errors import Cancelled, PayloadTooLarge
 from nerserve.http.envelope import Envelope
 from nerserve.schemas import PredictRequest
 from nerserve.scores import TokenScores
@@ -224,3 +224,25 @@ def test_aggregation_and_encoding_stop_when_the_request_is_given_up(built) -> No
     with pytest.raises(Cancelled):
         frontend.encode(prepared, scores, given_up_after_two)
     assert checks == 3
+
+
+@pytest.mark.parametrize("kind", ["wordpiece-cased", "bpe"])
+def test_the_token_limit_counts_exactly_what_the_model_reads(built, kind) -> None:
+    """A request of exactly `max_request_tokens` model tokens (windows included) is tokenized as without
+    the limit, one token fewer allowed refuses it: also for texts long enough to be counted in pieces
+    first (over 64 Ki characters, so cut at spaces), and for many texts in several groups."""
+    tokenizer = TextTokenizer(AutoTokenizer.from_pretrained(built(kind)), 512, None)
+    rng = random.Random(7)
+    requests = {
+        "one long text": [corpus.long_text(rng, 15_000)],
+        "many texts": [corpus.long_text(rng, 40) for _ in range(3000)],
+        "both": [corpus.long_text(rng, 12_000), *corpus.FIXED, corpus.long_text(rng, 9_000)],
+    }
+    for name, texts in requests.items():
+        assert max(map(len, texts)) > 60_000 or sum(map(len, texts)) > 2 * 65_536, name
+        whole = tokenizer.encode(texts, False)
+        tokens = sum(len(window.ids) for windows in whole for window in windows)
+        limited = tokenizer.encode(texts, False, "right", tokens)
+        assert [[w.ids.tolist() for w in ws] for ws in limited] == [[w.ids.tolist() for w in ws] for ws in whole], name
+        with pytest.raises(PayloadTooLarge, match=f"limit of {tokens - 1} tokens"):
+            tokenizer.encode(texts, False, "right", tokens - 1)

@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # a type only: front-end workers never import transformers (a
 DEFAULT_WINDOW_STRIDE = 128
 #: with a token limit: characters of texts tokenized together, and of the pieces a long text is counted in
 GROUP_CHARS = 1 << 16
-#: the last whitespace of a piece's tail, where a long text is cut for counting (a word is never split)
-_LAST_SPACE = re.compile(r"\s(?=\S*$)")
+#: the last space of a piece's tail, where a long text is cut for counting: before it, as byte-level BPE
+#: and SentencePiece tokenizers attach a space to the word after it (BERT's splits at it either way)
+_LAST_SPACE = re.compile(r" (?=[^ ]*$)")
 #: returns True once the request is given up (its timeout passed, its client went away)
 GivenUp = Callable[[], bool]
 
@@ -132,22 +133,23 @@ class TextTokenizer:
         used = 0
         for group in _groups(texts):
             _check(given_up)
-            for text in group:
-                # one model token per character at most, for nearly every text: a text that might pass
-                # the limit is counted before its windows are made
-                if self.window_tokens(len(text), truncate) > max_tokens - used:
-                    self._count_within(text, truncate, max_tokens, max_tokens - used, given_up)
-            encodings = backend.encode_batch(group, add_special_tokens=True)
-            used += sum(len(e) + (0 if truncate else sum(len(o) for o in e.overflowing)) for e in encodings)
+            # one model token per character at most, for nearly every text: a text that might pass the
+            # limit is counted before its windows are made
+            if self.window_tokens(max(map(len, group)), truncate) > max_tokens - used:
+                for text in group:
+                    if self.window_tokens(len(text), truncate) > max_tokens - used:
+                        self._count_within(text, truncate, max_tokens, max_tokens - used, given_up)
+            windows = [self._windows_of(e, truncate) for e in backend.encode_batch(group, add_special_tokens=True)]
+            used += sum(len(window.ids) for text_windows in windows for window in text_windows)
             if used > max_tokens:
                 raise _over_limit(used, max_tokens)
-            out.extend(self._windows_of(encoding, truncate) for encoding in encodings)
+            out.extend(windows)
         return out
 
     def _count_within(self, text: str, truncate: bool, limit: int, budget: int, given_up: GivenUp | None) -> None:
-        """PayloadTooLarge once `text`'s tokens, counted in pieces cut at whitespace (as the pre-tokenizers
-        of BERT, RoBERTa and SentencePiece models cut words, so the pieces' tokens are the text's), pass
-        `budget`; its windows' overlap is counted by the caller once the text is tokenized whole."""
+        """PayloadTooLarge once `text`'s model tokens, its text tokens counted in pieces cut at spaces (as the
+        pre-tokenizers of BERT, RoBERTa and SentencePiece models cut words, so the pieces' tokens are the
+        text's), its windows' from their number, pass `budget`."""
         counted = 0
         for piece in _pieces(text):
             _check(given_up)
@@ -178,13 +180,13 @@ def _groups(texts: list[str]) -> Iterator[list[str]]:
 
 
 def _pieces(text: str) -> Iterator[str]:
-    """`text` in pieces of at most GROUP_CHARS characters, each cut after its last whitespace (a piece
-    without any is cut where it ends)."""
+    """`text` in pieces of at most GROUP_CHARS characters, each cut before the last space of its last
+    4 Ki characters (a piece without one is cut where it ends)."""
     start = 0
     while len(text) - start > GROUP_CHARS:
         end = start + GROUP_CHARS
         space = _LAST_SPACE.search(text, end - 4096, end)
-        cut = space.start() + 1 if space else end
+        cut = space.start() if space and space.start() > start else end
         yield text[start:cut]
         start = cut
     yield text[start:]
