@@ -60,6 +60,10 @@ class Settings:
     workers: int | None = None  # front-end processes; None: by the engine (process.default_workers)
     max_texts: int = 1024
     max_body_bytes: int = 4 * 1024 * 1024
+    #: model tokens of one request, windows included (413 past it): what bounds a request's memory and time
+    max_request_tokens: int = 262_144
+    #: each worker's shared memory for requests in flight; None: transport.ARENA_BYTES (503 when it is full)
+    arena_bytes: int | None = None
     queue_size: int = 4096
     batch_wait_ms: float = 0.0  # 0: continuous batching, whatever queued while the engine ran
     request_timeout_s: float = 60.0
@@ -124,7 +128,16 @@ class Settings:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.precision not in (None, *PRECISIONS):
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        for name in ("max_num_tokens", "workers", "max_texts", "max_body_bytes", "queue_size", "port"):
+        for name in (
+            "max_num_tokens",
+            "workers",
+            "max_texts",
+            "max_body_bytes",
+            "max_request_tokens",
+            "arena_bytes",
+            "queue_size",
+            "port",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, not {value}")

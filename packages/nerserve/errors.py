@@ -31,7 +31,7 @@ class Unauthorized(ApiError):
 
 
 class PayloadTooLarge(ApiError):
-    """The body or the number of texts is over its configured limit."""
+    """The body, the number of texts or the request's tokens is over its configured limit."""
 
     kind = "Validation"
 
@@ -50,6 +50,13 @@ class Empty(Invalid):
 
 class Overloaded(ApiError):
     """The queue is full; nothing of the request was started, so retrying is safe."""
+
+    kind = "Overloaded"
+
+
+class Busy(ApiError):
+    """This worker's transport space (its arena) is full of requests in flight; nothing of the request
+    was started, so retrying, soon or at another worker, is safe."""
 
     kind = "Overloaded"
 
@@ -74,5 +81,11 @@ class Cancelled(ApiError):
 
 class EngineFailure(ApiError):
     """The engine failed on a batch holding this request's texts; the server goes on."""
+
+    kind = "Backend"
+
+
+class Internal(ApiError):
+    """An exception nothing expected: the client is told only the request id, the log gets the cause."""
 
     kind = "Backend"

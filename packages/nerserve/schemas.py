@@ -11,6 +11,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from .errors import Empty, Invalid, PayloadTooLarge
 
+#: the most of a client's input (a field name, a value) an error message repeats
+ECHO_CHARS = 200
+
 Strategy = Literal["none", "simple", "first", "average", "max"]
 #: the aggregation strategies, in API.md's order (the corpus tool's choices too)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -78,8 +81,19 @@ class TokenResult(BaseModel):
 PredictResponse = list[list[TokenResult]]
 
 
+def echo(value: object) -> str:
+    """A client's value as an error message repeats it: its repr, cut to ECHO_CHARS characters."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
 def parse_request(payload: object, max_texts: int) -> PredictRequest:
-    """Validate a decoded JSON body; raise Invalid/Empty/PayloadTooLarge naming the field."""
+    """Validate a decoded JSON body; raise Invalid/Empty/PayloadTooLarge naming the field. The texts
+    are counted on the raw payload first, so a body of a million items is refused for their number
+    before any of them is validated."""
+    count = _count_texts(payload)
+    if count > max_texts:
+        raise PayloadTooLarge(f"inputs: {count} texts exceed the limit of {max_texts} per request")
     try:
         request = PredictRequest.model_validate(payload)
     except ValidationError as error:
@@ -92,10 +106,15 @@ def parse_request(payload: object, max_texts: int) -> PredictRequest:
                 raise Invalid(f"inputs[{i}]: an inner list must hold at least one text")
     if request.raw_scores and request.aggregation_strategy != "none":
         raise Invalid(f"raw_scores: only with aggregation_strategy none, not {request.aggregation_strategy!r}")
-    texts = request.texts()
-    if len(texts) > max_texts:
-        raise PayloadTooLarge(f"inputs: {len(texts)} texts exceed the limit of {max_texts} per request")
     return request
+
+
+def _count_texts(payload: object) -> int:
+    """How many texts `inputs` would flatten to, whatever its items are (each non-list item counts one)."""
+    inputs = payload.get("inputs") if isinstance(payload, dict) else None
+    if not isinstance(inputs, list):
+        return 1
+    return sum(len(item) if isinstance(item, list) else 1 for item in inputs)
 
 
 def _describe(error: ValidationError) -> str:
@@ -108,9 +127,11 @@ def _describe(error: ValidationError) -> str:
                 path += f"[{part}]"
             elif not part.startswith(("str", "list[", "function-")):  # drop union-branch names
                 path += ("." if path else "") + part
+        if len(path) > ECHO_CHARS:  # an unknown field's name is the client's
+            path = path[:ECHO_CHARS] + "..."
         if item["type"] == "literal_error" and path in ("aggregation_strategy", "truncation_direction"):
             allowed = STRATEGIES if path == "aggregation_strategy" else ("Right", "Left")
-            messages.append(f"{path}: must be one of {', '.join(allowed)}, not {repr(item['input'])[:40]}")
+            messages.append(f"{path}: must be one of {', '.join(allowed)}, not {echo(item['input'])}")
         else:
-            messages.append(f"{path or 'body'}: {item['msg']}")
+            messages.append(f"{path or 'body'}: {item['msg'][:ECHO_CHARS]}")
     return "; ".join(dict.fromkeys(messages))

@@ -124,6 +124,7 @@ class EngineCore:
             "window_stride": self.tokenizer.window_stride,
             "max_texts": self.settings.max_texts,
             "max_body_bytes": self.settings.max_body_bytes,
+            "max_request_tokens": self.settings.max_request_tokens,
             "version": __version__,
         }
 

@@ -9,34 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import Settings
-from ..errors import ApiError, EngineFailure, Timeout
+from ..errors import ApiError, Timeout
 from ..metrics import Metrics, render
 from ..schemas import PredictRequest, parse_request
 from ..text.frontend import Frontend
 from .body import read_json
 from .engine_link import EngineLink
 from .envelope import PREDICT_ROUTES, Envelope
-from .openapi import predict_openapi
+from .openapi import METRICS_MEDIA_TYPE, METRICS_RESPONSES, predict_openapi
 from .page import add_page
 from .readiness import WorkerState
 from .responses import error_response, json_response
 
 log = logging.getLogger(__name__)
-#: requests up to this size are tokenized and aggregated on the event loop (the worker's one interpreter would
-#: run a thread's Python no sooner, and the hop costs); larger ones go to a thread, so the loop keeps answering
-#: its other connections while the tokenizer (which releases the interpreter lock) works
-INLINE_TEXTS, INLINE_CHARS = 256, 100_000
+#: requests up to this size are tokenized on the event loop, and answers up to INLINE_TOKENS tokens made and
+#: encoded there (the worker's one interpreter would run a thread's Python no sooner, and the hop costs);
+#: larger ones go to a thread, so the loop keeps answering its other connections meanwhile (the tokenizer
+#: and orjson release the interpreter lock while they work)
+INLINE_TEXTS, INLINE_CHARS, INLINE_TOKENS = 256, 100_000, 8192
 
 
 def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> FastAPI:
@@ -54,11 +56,6 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
         """Unknown routes and methods answer in API.md's error shape too."""
         kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "Validation")
         return json_response({"error": str(error.detail), "error_type": kind}, error.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(EngineFailure(f"{type(error).__name__}: {error}"))
 
     app.add_middleware(Envelope, api_key=settings.api_key, metrics=metrics)
 
@@ -97,9 +94,9 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
     async def info() -> Response:
         return when_ready(lambda: state.info)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def prometheus() -> Response:
-        return Response(render(), media_type="text/plain; version=0.0.4")
+        return Response(render(), media_type=METRICS_MEDIA_TYPE)
 
     add_page(app)
     return app
@@ -113,27 +110,37 @@ async def _answer(
     settings: Settings,
     metrics: Metrics,
 ) -> Response:
-    """Tokenize, score on the engine (bounded by the timeout, abandoned if the client goes away),
-    aggregate, encode. Large requests are tokenized and aggregated in a thread, so this worker's event
-    loop keeps answering its other connections meanwhile."""
+    """Tokenize (refused past max_request_tokens), score on the engine (bounded by the timeout,
+    abandoned if the client goes away), aggregate, encode. Large requests are tokenized, and large
+    answers made and encoded, in a thread, so this worker's event loop keeps answering its other
+    connections meanwhile; a request given up sets `given_up`, which that thread reads between
+    bounded pieces of its work, so nothing keeps working for a request that has had its 504."""
     started = time.perf_counter()
     texts = parsed.texts()
     inline = len(texts) <= INLINE_TEXTS and sum(len(text) for text in texts) <= INLINE_CHARS
-
-    async def off_loop(function: Callable[..., Any], *args: Any) -> Any:
-        return function(*args) if inline else await asyncio.to_thread(function, *args)
+    given_up = threading.Event()
 
     async def respond() -> bytes:
-        prepared = await off_loop(frontend.prepare, parsed)
+        limit = settings.max_request_tokens
+        if inline:
+            prepared = frontend.prepare(parsed, limit)
+        else:
+            prepared = await asyncio.to_thread(frontend.prepare, parsed, limit, given_up.is_set)
         tokenized = time.perf_counter()
         metrics.stage("tokenization", tokenized - started)
         scores = await link.score(prepared.sequences, prepared.keep_logits)
-        scored = time.perf_counter()
-        items = await off_loop(frontend.answer, prepared, scores)
-        aggregated = time.perf_counter()
-        metrics.stage("aggregation", aggregated - scored)
-        body = orjson.dumps(items)
-        metrics.stage("encoding", time.perf_counter() - aggregated)
+        if prepared.tokens <= INLINE_TOKENS:
+            scored = time.perf_counter()
+            items = frontend.answer(prepared, scores)
+            aggregated = time.perf_counter()
+            body = orjson.dumps(items)
+            metrics.stage("aggregation", aggregated - scored)
+            metrics.stage("encoding", time.perf_counter() - aggregated)
+        else:
+            encoded = await asyncio.to_thread(frontend.encode, prepared, scores, given_up.is_set)
+            body = encoded.body
+            metrics.stage("aggregation", encoded.aggregation_s)
+            metrics.stage("encoding", encoded.encoding_s)
         metrics.texts.inc(len(prepared.texts))
         metrics.tokens.inc(prepared.tokens)
         return body
@@ -147,6 +154,7 @@ async def _answer(
     finally:
         gone.cancel()
     if work not in done:
+        given_up.set()  # a thread working for it stops at its next check
         work.cancel()  # the engine drops what it has not run; the arena block is kept until it says so
         if gone in done:
             return Response(status_code=499)

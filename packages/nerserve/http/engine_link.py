@@ -21,7 +21,7 @@ from multiprocessing.connection import Client, Connection
 
 import numpy as np
 
-from ..errors import ApiError, PayloadTooLarge, Unhealthy
+from ..errors import ApiError, Busy, PayloadTooLarge, Unhealthy
 from ..scores import TokenScores
 from ..transport import DONE, Arena, Block, Hello, Setup, Submit, decode, decode_handshake, encode_cancel
 
@@ -47,7 +47,6 @@ class EngineLink:
         self._pending: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._space = asyncio.Event()
         self.num_labels = 0
 
     def connect(self, timeout: float = 3600.0) -> Setup:
@@ -112,17 +111,19 @@ class EngineLink:
 
     def _release(self, request: _Request) -> None:
         self.arena.release(request.offset, request.size)
-        self._space.set()
 
-    async def _allocate(self, size: int) -> int:
-        """A block of the arena, waiting while other requests hold the space."""
+    def _allocate(self, size: int) -> int:
+        """A block of the arena; Busy when the requests in flight hold the space it needs."""
         if size > self.arena.size:
             raise PayloadTooLarge(
-                f"the request needs {size >> 20} MiB of transport space; the most is {self.arena.size >> 20} MiB"
+                f"the request needs {size / 2**20:.1f} MiB of transport space; the most is "
+                f"{self.arena.size / 2**20:.1f} MiB (arena_bytes)"
             )
-        while (offset := self.arena.allocate(size)) is None:
-            self._space.clear()
-            await self._space.wait()
+        offset = self.arena.allocate(size)
+        if offset is None:
+            raise Busy(
+                f"this worker's transport space is full of requests in flight ({len(self._pending)}); retry shortly"
+            )
         return offset
 
     async def score(self, sequences: list[np.ndarray], keep_logits: bool) -> TokenScores:
@@ -132,7 +133,7 @@ class EngineLink:
             raise Unhealthy("the engine process is not running")
         tokens = sum(len(s) for s in sequences)
         size = Block.size(len(sequences), tokens, self.num_labels, keep_logits)
-        offset = await self._allocate(size)
+        offset = self._allocate(size)
         block = Block.at(self.arena.buffer, offset, len(sequences), tokens, self.num_labels, keep_logits)
         block.lengths[:] = [len(s) for s in sequences]
         if tokens:

@@ -1,6 +1,8 @@
 """What every request gets around its route: a request id (`x-request-id` honoured, bounded and
-cleaned, or made), the API key check, `x-total-time-ms`, the request counter, one JSON log line, and the
-reading of a refused request's body (body.drain). Plain ASGI rather than `@app.middleware("http")`,
+cleaned, or made), the API key check, `x-total-time-ms`, the request counter, one JSON log line, the
+reading of a refused request's body (body.drain), and the answer to an exception no route expected: the
+client gets a stable message naming the request id (an exception's text may hold paths, settings or
+input), the log gets the traceback beside the same id. Plain ASGI rather than `@app.middleware("http")`,
 whose task group and body streams cost more than the rest of a small request."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 
-from ..errors import Unauthorized
+from ..errors import Internal, Unauthorized
 from ..metrics import Metrics
 from .body import Message, Receive, drain
 from .responses import error_response
@@ -63,7 +65,7 @@ class Envelope:
         headers = Headers(scope=scope)
         rid = request_id(headers.get("x-request-id"))
         status = 500
-        body_read = False
+        body_read = responded = False
 
         async def tracked_receive() -> Message:
             nonlocal body_read
@@ -73,9 +75,9 @@ class Envelope:
             return message
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 extra = [(b"x-request-id", rid.encode())]
                 if not body_read and not await drain(tracked_receive, lambda: body_read, headers):
                     extra.append((b"connection", b"close"))  # past the bound (or 100-continue): close cleanly
@@ -84,13 +86,20 @@ class Envelope:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
-            refusal = error_response(
-                Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
-            )
-            await refusal(scope, tracked_receive, send_with_headers)
-        else:
-            await self.app(scope, tracked_receive, send_with_headers)
+        try:
+            if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
+                refusal = error_response(
+                    Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
+                )
+                await refusal(scope, tracked_receive, send_with_headers)
+            else:
+                await self.app(scope, tracked_receive, send_with_headers)
+        except Exception:
+            log.exception("unexpected error; request id %s", rid)
+            if responded:  # too late for an answer: the server closes the connection
+                raise
+            answer = error_response(Internal(f"internal error; request id {rid}"))
+            await answer(scope, tracked_receive, send_with_headers)
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         self.metrics.requests.labels(route, str(status)).inc()
         if log.isEnabledFor(logging.INFO):

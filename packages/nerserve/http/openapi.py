@@ -1,5 +1,6 @@
-"""The predict routes' OpenAPI description: the request schema, the answer's, and every error status
-(the body is read by the route itself, body.read_json, so FastAPI cannot infer them)."""
+"""The OpenAPI description FastAPI cannot infer: the predict routes' request schema, their answer's and
+every error status (the body is read by the route itself, body.read_json), and /metrics as the
+Prometheus text it is served as."""
 
 from __future__ import annotations
 
@@ -21,13 +22,22 @@ _ERROR_SCHEMA = {
 _ERRORS = [
     (400, "Not JSON"),
     (401, "Unauthorized"),
-    (413, "Too large"),
+    (413, "Too large: bytes, texts or tokens over their limit"),
     (422, "Validation"),
-    (429, "Overloaded"),
+    (429, "Overloaded: the engine's queue is full (Retry-After)"),
     (500, "Backend"),
-    (503, "Unhealthy"),
+    (503, "Unhealthy (loading, draining), or Overloaded: this worker's transport space is full (Retry-After)"),
     (504, "Timeout"),
 ]
+
+#: what /metrics is served as: Prometheus' text exposition format
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4"
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format 0.0.4, summed over every process of the server",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def predict_openapi() -> dict[str, Any]:

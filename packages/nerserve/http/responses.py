@@ -11,9 +11,11 @@ from fastapi.responses import Response
 from ..errors import (
     ApiError,
     BadRequest,
+    Busy,
     Cancelled,
     Empty,
     EngineFailure,
+    Internal,
     Invalid,
     Overloaded,
     PayloadTooLarge,
@@ -33,12 +35,14 @@ STATUS: dict[type[ApiError], int] = {
     Overloaded: 429,
     Cancelled: 499,
     EngineFailure: 500,
+    Internal: 500,
     ApiError: 500,
     Unhealthy: 503,
+    Busy: 503,
     Timeout: 504,
 }
-#: headers a kind's answer carries: a full queue tells the client when to come back
-HEADERS: dict[type[ApiError], dict[str, str]] = {Overloaded: {"Retry-After": "1"}}
+#: headers a kind's answer carries: a full queue or arena tells the client when to come back
+HEADERS: dict[type[ApiError], dict[str, str]] = {Overloaded: {"Retry-After": "1"}, Busy: {"Retry-After": "1"}}
 
 
 def status_of(error: ApiError) -> int:

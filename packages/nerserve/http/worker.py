@@ -41,7 +41,7 @@ def serve_worker(settings: Settings, sock: socket.socket, address: str, authkey:
     become_child()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     configure(settings.log_level, "worker")
-    state = WorkerState(EngineLink(address, authkey))
+    state = WorkerState(EngineLink(address, authkey, settings.arena_bytes))
     app = create_app(settings, state, Metrics())
     app.router.lifespan_context = _lifespan(state)
     graceful = max(int(settings.workers_stop_s - settings.shutdown_grace_s), 1)

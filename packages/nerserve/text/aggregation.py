@@ -92,6 +92,21 @@ class TokenTable:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenRows:
+    """The tokens strategy `none` answers with, each text's once (over-long texts stitched), in answer
+    order: text t's are rows `bounds[t]:bounds[t + 1]`."""
+
+    texts: list[str]
+    text_of_token: np.ndarray  # int64 [n]
+    ids: np.ndarray  # int64 [n]
+    starts: np.ndarray  # int64 [n]
+    ends: np.ndarray  # int64 [n]
+    special: np.ndarray  # bool [n]
+    scores: TokenScores  # [n]
+    bounds: list[int]  # [texts + 1]
+
+
 class Aggregator:
     """Turns a request's windows and their scores into one response list per text."""
 
@@ -189,38 +204,48 @@ class Aggregator:
     ) -> list[list[dict]]:
         """Every token of each text once, special tokens included, with its top label's probability or
         all logits; an over-long text's windows are stitched into one sequence first."""
+        rows = self.token_rows(texts, windows, scores)
+        items = self.token_items(rows, 0, len(rows.ids), raw_scores)
+        bounds = rows.bounds
+        return [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
+
+    def token_rows(self, texts: list[str], windows: list[list[Window]], scores: TokenScores) -> TokenRows:
+        """The rows `tokens` answers with, before any item is made (numpy only)."""
         table = TokenTable.of(windows, scores)
         if any(len(text_windows) > 1 for text_windows in windows):
             table = self._stitched(windows, table)
         text_of_token = table.text_of_window[table.window]
-        top = table.scores.labels.tolist()
+        bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
+        return TokenRows(texts, text_of_token, table.ids, table.starts, table.ends, table.special, table.scores, bounds)
+
+    def token_items(self, rows: TokenRows, lo: int, hi: int, raw_scores: bool) -> list[dict]:
+        """The items of rows `lo:hi` (an answer too large to hold as items at once is made in ranges)."""
+        texts, ids, starts, ends = (
+            rows.texts,
+            rows.ids[lo:hi].tolist(),
+            rows.starts[lo:hi].tolist(),
+            rows.ends[lo:hi].tolist(),
+        )
+        top = rows.scores.labels[lo:hi].tolist()
         vocab, labels = self.tokenizer.vocab, self.scheme.labels
         names = [
             vocab[i] if special else texts[t][a:b]
             for t, i, special, a, b in zip(
-                text_of_token.tolist(),
-                table.ids.tolist(),
-                table.special.tolist(),
-                table.starts.tolist(),
-                table.ends.tolist(),
-                strict=True,
+                rows.text_of_token[lo:hi].tolist(), ids, rows.special[lo:hi].tolist(), starts, ends, strict=True
             )
         ]
         results: list[Any]
         if raw_scores:
-            if table.scores.logits is None:
+            if rows.scores.logits is None:
                 raise ValueError("raw_scores needs the engine's logits")
-            results = [_raw(labels, t, row) for t, row in zip(top, table.scores.logits.tolist(), strict=True)]
+            logits = rows.scores.logits[lo:hi].tolist()
+            results = [_raw(labels, t, row) for t, row in zip(top, logits, strict=True)]
         else:
-            results = [{labels[t]: p} for t, p in zip(top, table.scores.probs.tolist(), strict=True)]
-        items = [
+            results = [{labels[t]: p} for t, p in zip(top, rows.scores.probs[lo:hi].tolist(), strict=True)]
+        return [
             {"token": name, "token_id": i, "start": a, "end": b, "results": r}
-            for name, i, a, b, r in zip(
-                names, table.ids.tolist(), table.starts.tolist(), table.ends.tolist(), results, strict=True
-            )
+            for name, i, a, b, r in zip(names, ids, starts, ends, results, strict=True)
         ]
-        bounds = np.searchsorted(text_of_token, np.arange(len(texts) + 1)).tolist()
-        return [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
 
     def _stitched(self, windows: list[list[Window]], table: TokenTable) -> TokenTable:
         """The table with each over-long text's windows replaced by its stitched sequence (one window)."""
