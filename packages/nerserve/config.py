@@ -67,6 +67,17 @@ class Settings:
     queue_size: int = 4096
     batch_wait_ms: float = 0.0  # 0: continuous batching, whatever queued while the engine ran
     request_timeout_s: float = 60.0
+    # What one connection may hold of a worker (http/connections.py): an idle connection is closed after
+    # keep_alive_s; a request's line and headers must come within header_timeout_s (408) and
+    # max_header_bytes (431), its body within body_timeout_s (408); an answer its client stops reading is
+    # dropped after send_timeout_s; past max_connections per worker, idle ones are closed and busy ones
+    # leave a newcomer only /health, /info and /metrics (503 otherwise).
+    keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    send_timeout_s: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_connections: int = 512
     # After SIGTERM: answer 503 (health too) for `shutdown_grace_s` while the port stays open, then finish
     # what was accepted, and be gone within `shutdown_timeout_s` in all: Truss's supervisord kills the
     # server 10 s after its SIGTERM (stopwaitsecs, default 10), so 8 s leaves room.
@@ -137,14 +148,19 @@ class Settings:
             "arena_bytes",
             "queue_size",
             "port",
+            "max_header_bytes",
+            "max_connections",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive, not {value}")
         if self.window_stride is not None and self.window_stride < 0:
             raise ValueError(f"window_stride must not be negative, not {self.window_stride}")
-        if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
-            raise ValueError("request_timeout_s must be positive and batch_wait_ms not negative")
+        for name in ("request_timeout_s", "keep_alive_s", "header_timeout_s", "body_timeout_s", "send_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must not be negative, not {self.batch_wait_ms}")
         if not 0 <= self.shutdown_grace_s < self.shutdown_timeout_s:
             raise ValueError(
                 f"shutdown_grace_s ({self.shutdown_grace_s}) must be at least 0 and less than shutdown_timeout_s "

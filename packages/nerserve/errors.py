@@ -36,6 +36,18 @@ class PayloadTooLarge(ApiError):
     kind = "Validation"
 
 
+class HeaderTooLarge(ApiError):
+    """The request line and headers are over `max_header_bytes` (http/connections.py)."""
+
+    kind = "Validation"
+
+
+class SlowClient(ApiError):
+    """The client did not send its request's head or body in time (http/connections.py)."""
+
+    kind = "Timeout"
+
+
 class Invalid(ApiError):
     """A well-formed JSON body that breaks the request schema."""
 
@@ -57,6 +69,13 @@ class Overloaded(ApiError):
 class Busy(ApiError):
     """This worker's transport space (its arena) is full of requests in flight; nothing of the request
     was started, so retrying, soon or at another worker, is safe."""
+
+    kind = "Overloaded"
+
+
+class TooManyConnections(ApiError):
+    """This worker holds `max_connections` busy connections; only the free routes (/health, /info,
+    /metrics) are served to one more, so a probe always gets through. Retrying soon is safe."""
 
     kind = "Overloaded"
 

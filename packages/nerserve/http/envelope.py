@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 from starlette.datastructures import Headers
 
-from ..errors import Internal, Unauthorized
+from ..errors import Internal, TooManyConnections, Unauthorized
 from ..metrics import Metrics
 from .body import Message, Receive, drain
+from .connections import OVER_CAPACITY
 from .responses import error_response
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Envelope:
 
     OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")  # the page is public; its fetches send the key
     ROUTES = (*PREDICT_ROUTES, "/health", "/info", "/metrics")
+    FREE_PATHS = ("/health", "/info", "/metrics")  # served even to a connection past max_connections
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -87,7 +89,10 @@ class Envelope:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
+            if scope.get(OVER_CAPACITY) and scope["path"] not in self.FREE_PATHS:
+                busy = TooManyConnections("this worker is at its max_connections; retry soon")
+                await error_response(busy)(scope, tracked_receive, send_with_headers)
+            elif self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
                 refusal = error_response(
                     Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
                 )

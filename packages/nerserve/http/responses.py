@@ -3,6 +3,7 @@ Errors), and the JSON responses every route answers with."""
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -15,11 +16,14 @@ from ..errors import (
     Cancelled,
     Empty,
     EngineFailure,
+    HeaderTooLarge,
     Internal,
     Invalid,
     Overloaded,
     PayloadTooLarge,
+    SlowClient,
     Timeout,
+    TooManyConnections,
     Unauthorized,
     Unhealthy,
 )
@@ -29,7 +33,9 @@ from ..errors import (
 STATUS: dict[type[ApiError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
+    SlowClient: 408,
     PayloadTooLarge: 413,
+    HeaderTooLarge: 431,
     Invalid: 422,
     Empty: 422,
     Overloaded: 429,
@@ -39,10 +45,15 @@ STATUS: dict[type[ApiError], int] = {
     ApiError: 500,
     Unhealthy: 503,
     Busy: 503,
+    TooManyConnections: 503,
     Timeout: 504,
 }
 #: headers a kind's answer carries: a full queue or arena tells the client when to come back
-HEADERS: dict[type[ApiError], dict[str, str]] = {Overloaded: {"Retry-After": "1"}, Busy: {"Retry-After": "1"}}
+HEADERS: dict[type[ApiError], dict[str, str]] = {
+    Overloaded: {"Retry-After": "1"},
+    Busy: {"Retry-After": "1"},
+    TooManyConnections: {"Retry-After": "1", "Connection": "close"},
+}
 
 
 def status_of(error: ApiError) -> int:
@@ -56,3 +67,14 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 def error_response(error: ApiError) -> Response:
     """`{"error": ..., "error_type": ...}` with the kind's status and headers."""
     return json_response(error.body(), status_of(error), HEADERS.get(type(error)))
+
+
+def raw_error_response(error: ApiError) -> bytes:
+    """The same answer as bytes on the wire, closing the connection: for a refusal the connection
+    itself makes (http/connections.py), before any app has the request."""
+    body = orjson.dumps(error.body())
+    status = status_of(error)
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json"]
+    head += [f"{name}: {value}" for name, value in HEADERS.get(type(error), {}).items() if name != "Connection"]
+    head += [f"content-length: {len(body)}", "connection: close", "", ""]
+    return "\r\n".join(head).encode("latin-1") + body

@@ -28,6 +28,7 @@ from ..metrics import Metrics
 from ..text.frontend import Frontend, warm_up
 from ..transport import Setup
 from .app import create_app
+from .connections import ConnectionLimits, guarded_protocol
 from .engine_link import EngineLink
 from .readiness import WorkerState
 
@@ -45,7 +46,13 @@ def serve_worker(settings: Settings, sock: socket.socket, address: str, authkey:
     app = create_app(settings, state, Metrics())
     app.router.lifespan_context = _lifespan(state)
     graceful = max(int(settings.workers_stop_s - settings.shutdown_grace_s), 1)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=graceful)
+    config = uvicorn.Config(
+        app,
+        http=guarded_protocol(ConnectionLimits.of(settings)),
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=graceful,
+    )
     server = draining_server(
         config, on_drain=lambda: setattr(state, "closing", True), grace_s=settings.shutdown_grace_s
     )

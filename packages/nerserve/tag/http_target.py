@@ -101,8 +101,8 @@ class HttpTarget:
         self.client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(limits.timeout_s, connect=min(10.0, limits.timeout_s)),
-            # idle connections are dropped before a server's own keep-alive timeout (uvicorn's: 5 s), so
-            # none is reused just as the server closes it
+            # idle connections are dropped before a server's own keep-alive timeout (nerserve's keep_alive_s
+            # and uvicorn's: 5 s), so none is reused just as the server closes it
             limits=httpx.Limits(
                 max_connections=limits.ceiling, max_keepalive_connections=limits.ceiling, keepalive_expiry=2.0
             ),
