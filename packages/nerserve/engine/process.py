@@ -12,6 +12,7 @@ supervisor starts a new worker). SIGTERM stops it after the scheduler has finish
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -35,30 +36,49 @@ log = logging.getLogger(__name__)
 
 
 class WorkerLink:
-    """One connected worker: its socket, its arena as mapped here, and its jobs in flight."""
+    """One connected worker: its socket, its arena as mapped here, its jobs in flight, and its answers
+    waiting to be sent. Answers go out from a thread of this worker's own: the scheduler's thread only
+    appends to the outbox, so a worker that stops reading fills its own socket and stalls itself, never
+    the scheduler (a blocking send there would stop every worker's batches, and a worker blocked sending
+    a SUBMIT to a reader that waits on the same lock would never be read again)."""
 
     def __init__(self, connection: Connection, arena: mmap.mmap, pid: int) -> None:
         self.connection = connection
         self.arena = arena
         self.pid = pid
         self.jobs: dict[int, Job] = {}
-        self._send_lock = threading.Lock()
+        self.outbox: collections.deque[bytes] = collections.deque()
+        self._wake = threading.Condition()
         self.alive = True
+        threading.Thread(target=self._send_loop, name=f"nerserve-send-{pid}", daemon=True).start()
 
     def send(self, message: bytes) -> None:
-        """Send from any thread; a worker that went away is not an error here."""
-        with self._send_lock:
-            if not self.alive:
-                return
+        """Queue an answer, from any thread, without waiting; a worker that went away is not an error here."""
+        with self._wake:
+            if self.alive:
+                self.outbox.append(message)
+                self._wake.notify()
+
+    def close(self) -> None:
+        """The worker went away: later answers to it are dropped, and its sending thread ends."""
+        with self._wake:
+            self.alive = False
+            self.outbox.clear()
+            self._wake.notify()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while self.alive and not self.outbox:
+                    self._wake.wait()
+                if not self.alive:
+                    return
+                message = self.outbox.popleft()
             try:
                 self.connection.send_bytes(message)
             except OSError:
-                self.alive = False
-
-    def close(self) -> None:
-        """The worker went away: later answers to it are dropped (a send in progress finishes first)."""
-        with self._send_lock:
-            self.alive = False
+                self.close()
+                return
 
 
 class EngineHost:

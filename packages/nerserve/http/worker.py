@@ -22,10 +22,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..config import Settings
+from ..errors import Busy, Overloaded, Timeout
 from ..lifecycle import become_child, settle_memory
 from ..logs import configure
 from ..metrics import Metrics
-from ..text.frontend import Frontend, warm_up
+from ..text.frontend import Frontend, Score, warm_up
 from ..transport import Setup
 from .app import create_app
 from .connections import ConnectionLimits, guarded_protocol
@@ -33,6 +34,8 @@ from .engine_link import EngineLink
 from .readiness import WorkerState
 
 log = logging.getLogger(__name__)
+#: a warm-up refused for load is tried again after the first wait, doubling up to the second (seconds)
+WARM_UP_RETRY_S = (0.05, 2.0)
 
 
 def serve_worker(settings: Settings, sock: socket.socket, address: str, authkey: bytes) -> None:
@@ -83,13 +86,28 @@ async def _warm_up(state: WorkerState, setup: Setup) -> None:
     state.link.start(asyncio.get_running_loop())
     frontend = Frontend(setup.tokenizer, setup.labels)
     try:
-        await warm_up(frontend, state.link.score)
+        await warm_until_served(frontend, state.link.score)
     except Exception as error:
         state.failure = f"warm-up request failed: {type(error).__name__}: {error}"
         log.error("%s", state.failure)
         return
     state.info, state.frontend = setup.info, frontend
     settle_memory()
+
+
+async def warm_until_served(frontend: Frontend, score: Score) -> None:
+    """The warm-up, tried again while the engine refuses it for load (its queue or this worker's arena
+    full, or its batches slower than the request timeout): a worker that starts under load, such as one
+    replacing a worker that died, would otherwise be unhealthy for ever. Waits double from
+    WARM_UP_RETRY_S[0] to WARM_UP_RETRY_S[1]; any other failure is the worker's."""
+    wait, longest = WARM_UP_RETRY_S
+    while True:
+        try:
+            return await warm_up(frontend, score)
+        except (Overloaded, Busy, Timeout) as refused:
+            log.info("warm-up refused (%s); trying again in %.2f s", refused.message, wait)
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, longest)
 
 
 def draining_server(config: uvicorn.Config, on_drain: Callable[[], None], grace_s: float) -> uvicorn.Server:
