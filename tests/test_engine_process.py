@@ -1,9 +1,9 @@
-"""The engine process and the workers' side of it. A worker that stops reading: the real engine
-process (ONNX Runtime on a tiny checkpoint) serves two workers; one is a fake that submits a
-thousand jobs and never reads an answer, the other a real worker's link. Before answers had a sending thread per worker, the
-scheduler's thread blocked on the first worker's full socket (about 278 unread answers fill it) and
-the other worker's requests waited for ever (issue 24). And a worker whose warm-up the engine refuses
-for load tries again until it is warm, instead of staying unhealthy for ever."""
+"""The engine process and the workers' side of it, on the real engine process (ONNX Runtime on a
+tiny checkpoint). A worker that stops reading: one fake worker submits a thousand jobs and never
+reads an answer while a real worker's link asks for one. Before each worker had a sending thread of
+its own, the scheduler's thread blocked on the first worker's full socket (about 278 unread answers
+fill it) and the other worker waited for ever (issue 24). And a worker whose warm-up the engine
+refuses for load tries again until it is warm, instead of staying unhealthy for ever."""
 
 from __future__ import annotations
 
