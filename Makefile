@@ -18,7 +18,7 @@ endif
 OUT ?= data/engine
 export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
-.PHONY: install lint format serve test stress bench screenshot build-engine clean
+.PHONY: install lint format serve test stress soak bench screenshot build-engine clean
 
 $(STAMP): requirements.txt requirements-ray.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,11 +65,18 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 # The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
 # capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py);
-# `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py).
+# `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py); the
+# HTTP rate of the tree before issue 24's limits and of this one, in turns in one run (bench/http_rate.py).
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/host.py
 	$(PY) bench/tag.py
+	$(PY) bench/http_rate.py
+
+# Ten minutes of mixed, partly hostile load with a worker killed every minute (bench/soak.py; issue 24):
+# wrong answers, lost requests, memory at start and end, sentence latency, /health's worst.
+soak: $(BENCH_STAMP)
+	$(PY) bench/soak.py
 
 # The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
 screenshot: $(STAMP)

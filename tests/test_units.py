@@ -67,6 +67,19 @@ def test_settings_environment_overrides_metadata() -> None:
         Settings.load({"shutdown_grace_s": 9, "shutdown_timeout_s": 8}, environ={})
 
 
+def test_secrets_are_not_serve_flags(capsys) -> None:
+    """A flag is on the command line, which `ps` shows every user: the API key and the hub token come from
+    the environment or config.yaml only; the connection limits are flags like every other setting."""
+    from nerserve.cli import parser
+
+    for secret in ("--api-key", "--hf-token"):
+        with pytest.raises(SystemExit) as refused:
+            parser().parse_args(["serve", secret, "s3cret"])
+        assert refused.value.code == 2 and f"unrecognized arguments: {secret}" in capsys.readouterr().err
+    args = parser().parse_args(["serve", "--max-connections", "64", "--header-timeout-s", "2.5"])
+    assert (args.max_connections, args.header_timeout_s) == ("64", "2.5")
+
+
 def test_parse_request_normalizes_and_refuses() -> None:
     request = parse_request(
         {"inputs": ["a", ["b", "c"]], "aggregation_strategy": "MAX", "truncation_direction": "LEFT"}, max_texts=10

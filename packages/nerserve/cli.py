@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from . import __version__
 from .config import ENV_PREFIX, Settings, load_settings
 
-#: Settings fields that are not flags: the hub token is a secret (HF_TOKEN, or Truss's secret), the
-#: mounts come from config.yaml's weights
-_NOT_FLAGS = ("hf_token", "mounts", "checkpoint")
+#: Settings fields that are not flags: the hub token and the API key are secrets, which a command line
+#: shows to every user of the machine (`ps`): HF_TOKEN or Truss's secret, NERSERVE_API_KEY or config.yaml;
+#: the mounts come from config.yaml's weights
+_NOT_FLAGS = ("hf_token", "api_key", "mounts", "checkpoint")
 
 
 def _setting_flags(parser: argparse.ArgumentParser) -> None:
