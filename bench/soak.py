@@ -342,7 +342,8 @@ def report(result: dict) -> str:
         f"| resets on a killed worker's connections (sent again) | "
         f"{sum(n for k, n in c.items() if k.endswith('_reset_after_kill'))} |",
         f"| workers killed | {c.get('workers_killed', 0)} |",
-        f"| sentence requests answered 200 / p50 / p99 (from first send, waits after a 429 included) | {c.get('sentence_200', 0)} / "
+        "| sentence requests answered 200 / p50 / p99 (from first send, waits after a 429 included) | "
+        f"{c.get('sentence_200', 0)} / "
         f"{result['sentence_p50_ms']:.1f} ms / {result['sentence_p99_ms']:.1f} ms |",
         f"| document requests answered 200 | {c.get('document_200', 0)} |",
         f"| 429 met (queue full) by sentences / documents / filler | {c.get('sentence_429', 0)} / "
