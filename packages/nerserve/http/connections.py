@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -75,7 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # of the head being read
         self.heads = 0  # heads read whole on this connection
         self.over_capacity = False
-        self.idle_since = 0.0
+        self.idle_since = self.phase_began = 0.0
         self.deadline: asyncio.TimerHandle | None = None
         self.send_deadline: asyncio.TimerHandle | None = None
 
@@ -95,8 +96,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
-            self._arm(self.limits.header_timeout_s, self._refuse, SlowClient(self._late_head()))
+            self.phase, self.phase_began = Phase.HEAD, self.loop.time()
+            self._disarm()
         if self.phase is not Phase.BODY:  # a head (or, while answering, the next pipelined one)
             room = self.limits.max_header_bytes - self.head_bytes
             if len(data) > room:  # parse up to the cap: past it, the head must have ended
@@ -111,14 +112,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self.head_bytes += len(data)
         super().data_received(data)
+        # A deadline only for a phase that this data left unfinished: most requests come whole in one
+        # read, and need no timer of their own.
+        if self.deadline is None and not self.transport.is_closing():
+            if self.phase is Phase.HEAD:
+                self._arm(self.phase_began + self.limits.header_timeout_s, self._head_expired)
+            elif self.phase is Phase.BODY:
+                self._arm(self.phase_began + self.limits.body_timeout_s, self._body_expired)
 
     # --- httptools' callbacks, each moving the phase on
     def on_headers_complete(self) -> None:
-        self.phase = Phase.BODY
+        self.phase, self.phase_began = Phase.BODY, self.loop.time()
         self.heads += 1
+        self._disarm()
         if self.over_capacity:
             self.scope[OVER_CAPACITY] = True  # type: ignore[literal-required]
-        self._arm(self.limits.body_timeout_s, self._body_expired)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -133,8 +141,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
         elif not self.transport.is_closing() and self.phase is Phase.ANSWER and not self.pipeline:
             if self.head_bytes:  # the next request's head began while this one was answered
-                self.phase = Phase.HEAD
-                self._arm(self.limits.header_timeout_s, self._refuse, SlowClient(self._late_head()))
+                self.phase, self.phase_began = Phase.HEAD, self.loop.time()
+                self._arm(self.phase_began + self.limits.header_timeout_s, self._head_expired)
             else:
                 self._await_request()
 
@@ -156,19 +164,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.idle_since = self.loop.time()
         # past the cap, a connection that got through has a second at most to ask
         wait = min(self.limits.keep_alive_s, 1.0) if self.over_capacity else self.limits.keep_alive_s
-        self._arm(wait, self.transport.close)
+        self._arm(self.idle_since + wait, self.transport.close)
 
-    def _arm(self, seconds: float, callback: Any, *args: Any) -> None:
+    def _arm(self, when: float, callback: Callable[[], object]) -> None:
         self._disarm()
-        self.deadline = self.loop.call_later(seconds, callback, *args)
+        self.deadline = self.loop.call_at(when, callback)
 
     def _disarm(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
 
-    def _late_head(self) -> str:
-        return f"the request line and headers did not arrive within {self.limits.header_timeout_s:g} s"
+    def _head_expired(self) -> None:
+        self._refuse(
+            SlowClient(f"the request line and headers did not arrive within {self.limits.header_timeout_s:g} s")
+        )
 
     def _body_expired(self) -> None:
         if self.cycle is not None and self.cycle.response_started:
