@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schemas import STRATEGIES
+from .formats import SpacyWriter
 from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_rows
 from .outputs import FORMATS, PART_ROWS, open_output
 from .progress import Progress
@@ -36,12 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Tag a corpus: every row of INPUT through the model into OUTPUT, in order, resumable."
     parser.allow_abbrev = False  # read at parse time: no prefix of one option is taken for another
     parser.add_argument("input", type=Path, help=f"rows to tag ({', '.join(EXTENSIONS)})")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json)")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json, .conll, .spacy)"
+    )
     parser.add_argument(
         "--format",
         choices=FORMATS,
         default="rows",
-        help="rows (id, entities, error) or label-studio",
+        help="rows (id, entities, error), label-studio, conll (IOB2), spacy (DocBin), spans (JSONL)",
     )
     parser.add_argument("--text-field", default="text", help="the text's field or column (default text)")
     parser.add_argument("--id-field", default="id", help="the id's field or column (default id, else the row index)")
@@ -206,7 +209,10 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"nerserve tag: {error}; the rows written are kept: rerun the same command to go on", file=sys.stderr)
             return 1
         writer.finish()
-        print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
+        summary = progress.summary(target.retries, str(args.output))
+        if isinstance(writer, SpacyWriter):
+            summary.insert(-1, writer.note())
+        print("\n".join(summary), file=sys.stderr)
         return 0
     except Unreachable as error:
         print(f"nerserve tag: {error}", file=sys.stderr)
