@@ -65,11 +65,13 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 # The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
 # capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py);
-# `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py).
+# `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py);
+# `nerserve eval` beside `nerserve tag` and its F1 beside the build's (bench/eval.py).
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/host.py
 	$(PY) bench/tag.py
+	$(PY) bench/eval.py
 
 # The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
 screenshot: $(STAMP)
