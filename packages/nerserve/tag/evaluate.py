@@ -122,7 +122,7 @@ async def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     fmt = gold_format(args.gold, args.gold_format)
     target = _target(args)
     try:
-        info = await target.info()
+        info = await target.info() or {}
         names = [name.strip() for name in args.label_names.split(",")] if args.label_names else info.get("labels")
         examples = read_gold(args.gold, fmt, names)
         scorer = Scorer(args.aggregation_strategy)
@@ -138,7 +138,7 @@ async def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "unscored": {"count": len(scorer.unscored), "by_kind": dict(sorted(kinds.items())), "rows": scorer.unscored},
         "strategy": args.aggregation_strategy,
         "target": _target_name(args),
-        "model": {key: info[key] for key in MODEL_KEYS if key in info} or info,
+        "model": {key: info[key] for key in MODEL_KEYS if key in info} or {"url": args.url},
         "gold": {"path": str(args.gold), "format": fmt},
     }
 

@@ -28,9 +28,8 @@ from . import formats, resume
 from .rows import Outcome, Row
 
 FORMATS = ("rows", "label-studio", "conll", "spacy", "spans")
-#: each format's extensions, where they are not rows' (.jsonl, .parquet)
+#: the extensions of the formats of formats.py
 SUFFIXES = {
-    "label-studio": (".json", ".jsonl"),
     "conll": (".conll",),
     "spacy": (".spacy",),
     "spans": (".jsonl",),
@@ -98,7 +97,7 @@ def open_output(
         raise ValueError(f"{path}: --format label-studio writes .json (one array) or .jsonl (a task a line)")
     if fmt == "rows" and suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{path}: rows are written as .jsonl or .parquet (or --format label-studio)")
-    if fmt in ("conll", "spacy", "spans") and suffix not in SUFFIXES[fmt]:
+    if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
         raise ValueError(f"{path}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])}")
     previous = None if overwrite else resume.load(path)
     if previous is not None:

@@ -34,8 +34,8 @@ class Target(Protocol):
 
     async def model(self) -> dict[str, Any]: ...
 
-    async def info(self) -> dict[str, Any]:
-        """The model's /info (labels included), or `{"url": ...}` where a deployment does not route it."""
+    async def info(self) -> dict[str, Any] | None:
+        """The model's /info (labels included), or None where a deployment does not route it."""
         ...
 
     async def answer(self, texts: list[str]) -> list[Outcome]: ...
