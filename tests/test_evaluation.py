@@ -7,15 +7,15 @@ with spaCy's DocBin (`spacy.blank("xx")`, nothing downloaded) and the evaluator'
 from __future__ import annotations
 
 import random
-import subprocess
 from pathlib import Path
 
 import orjson
 import pytest
-from test_tag import tag, tag_command, tag_env, write_jsonl
+from test_tag import write_jsonl
 
+import checkpoints
 import corpus
-from conftest import ServerProcess
+from nerserve.cli import main
 from nerserve.evaluation.gold import GoldError, read_conll, read_gold
 from nerserve.evaluation.scheme import entities, tags_from_spans, whitespace_tokens
 from nerserve.evaluation.scores import Tally
@@ -29,8 +29,6 @@ pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 
 TYPES = ("PER", "ORG", "LOC", "MISC")
-#: the server's token limit per request: the long gold sentence is over it, so the server refuses it (413)
-REQUEST_TOKENS = 600
 
 
 def seqeval_report(gold: list[list[str]], predicted: list[list[str]]) -> dict:
@@ -160,31 +158,24 @@ def test_every_gold_format_reads_the_same_entities(tmp_path) -> None:
 
 
 # --- nerserve eval and the formats, on real engines -----------------------------------------------------------
+# The commands run in this process (`nerserve.cli.main`, as the console script calls it), against the
+# session's shared server (conftest: the cased WordPiece checkpoint, ONNX Runtime) and in process.
+
+#: a word longer than the server's default body limit (4 MiB): the row holding it is refused (413)
+HUGE_WORD = "x" * (4 * 1024 * 1024 + 16)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(built) -> Path:
-    return built("wordpiece-cased")
-
-
-@pytest.fixture(scope="module")
-def eval_server(checkpoint):
-    process = ServerProcess(
-        {
-            "CHECKPOINT": str(checkpoint),
-            "ENGINE": "onnxruntime",
-            "WORKERS": "1",
-            "MAX_REQUEST_TOKENS": str(REQUEST_TOKENS),
-        }
-    )
-    process.wait_ready()
-    yield process
-    process.stop()
+def nerserve(capsys, *args: object) -> tuple[int, str, str]:
+    """`nerserve ARGS`: exit status, standard output, standard error."""
+    capsys.readouterr()
+    status = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 @pytest.fixture(scope="module")
 def gold(tmp_path_factory) -> tuple[Path, Path, list[list[str]]]:
-    """A CoNLL gold file (IOB1, random tags on corpus words; one sentence over the server's token limit,
+    """A CoNLL gold file (IOB1, random tags on corpus words; one sentence over the server's body limit,
     one with a tag that is not IOB), the same texts as tag's JSONL input, and the readable rows' tags."""
     rng = random.Random(5)
     folder = tmp_path_factory.mktemp("eval-gold")
@@ -192,54 +183,50 @@ def gold(tmp_path_factory) -> tuple[Path, Path, list[list[str]]]:
     for text in corpus.texts(60)[:40]:
         words = text.split()[:25] or ["empty"]
         sentences.append((words, [rng.choice(["O", "O", "I-PER", "I-ORG", "B-ORG", "I-LOC", "I-MISC"]) for _ in words]))
-    long_words = corpus.long_text(rng, 700).split()
-    sentences.append((long_words, ["O"] * len(long_words)))
+    sentences.append((["Huge", HUGE_WORD], ["I-PER", "O"]))
     path = write_conll(folder / "gold.conll", [*sentences, (["not", "iob"], ["O", "PER"])])
     texts = write_jsonl(folder / "texts.jsonl", [{"text": " ".join(words)} for words, _ in sentences])
     return path, texts, [tags for _, tags in sentences]
 
 
-def evaluate(*args: object) -> subprocess.CompletedProcess:
-    command = [*tag_command(*args)]
-    command[command.index("tag")] = "eval"
-    return subprocess.run(command, env=tag_env(), capture_output=True, text=True, timeout=120)
-
-
-def test_eval_over_http_equals_seqeval_on_the_same_predictions(eval_server, gold, tmp_path) -> None:
+def test_eval_over_http_equals_seqeval_on_the_same_predictions(server, gold, tmp_path, capsys) -> None:
     """The report's figures are seqeval's on the answers `nerserve tag --format conll` writes for the same
     texts; the refused row (413) and the unreadable gold row are counted and named, not scored; micro F1
     below --fail-under exits 1."""
     path, texts, gold_tags = gold
     predicted = tmp_path / "predicted.conll"
-    done = tag(texts, "-o", predicted, "--format", "conll", "--url", eval_server.url)
-    assert done.returncode == 0, done.stderr
+    status, _, err = nerserve(capsys, "tag", texts, "-o", predicted, "--format", "conll", "--url", server.url)
+    assert status == 0 and "refused 1" in err, err
     report_path = tmp_path / "report.json"
-    result = evaluate(path, "--url", eval_server.url, "--report", report_path, "--fail-under", "0.99")
-    assert result.returncode == 1 and "below --fail-under 0.99" in result.stderr, result.stderr
+    status, out, err = nerserve(
+        capsys, "eval", path, "--url", server.url, "--report", report_path, "--fail-under", "0.99"
+    )
+    assert status == 1 and "below --fail-under 0.99" in err, err
     report = orjson.loads(report_path.read_bytes())
     assert report["micro"]["f1"] < 0.99 and report["micro"]["support"] > 20
-    assert report["strategy"] == "max" and report["target"] == eval_server.url and report["texts"] == 40
+    assert report["strategy"] == "max" and report["target"] == server.url and report["texts"] == 40
     assert report["unscored"]["count"] == 2 and report["unscored"]["by_kind"] == {"bad-gold": 1, "refused": 1}
     assert {row["id"] for row in report["unscored"]["rows"]} == {40, 41}
-    assert "micro" in result.stdout and "2 rows not scored (bad-gold 1, refused 1)" in result.stdout
+    assert "micro" in out and "2 rows not scored (bad-gold 1, refused 1)" in out
     blocks = read_conll(predicted)
     assert len(blocks) == 40  # the refused row has no block
     assert_same_figures(report, seqeval_report(gold_tags[:40], [tags for _, tags in blocks]))
 
 
-def test_formats_read_back_and_their_own_spans_score_one(eval_server, checkpoint, tmp_path) -> None:
+def test_formats_read_back_and_their_own_answers_score_one(server, built, tmp_path, capsys) -> None:
     """--format spans, conll and spacy on the same rows (an error row among them) read back with the
-    readers people use; the spans file, read as gold by `nerserve eval` in process, scores F1 1.0 (the
-    same engine's answers) and passes --fail-under 1."""
+    readers people use; the answers, as HF rows with integer tags named by the model's labels, score F1
+    1.0 in process on the same checkpoint and pass --fail-under 1."""
     rows = [{"id": f"r{i}", "text": text} for i, text in enumerate(corpus.texts(40)[:30])]
     source = write_jsonl(tmp_path / "in.jsonl", [*rows[:5], {"id": "bad", "text": 7}, *rows[5:]])
     outputs = {fmt: tmp_path / f"out.{fmt}" for fmt in ("conll", "spacy")}
     outputs["spans"] = tmp_path / "out.spans.jsonl"
     summaries = {}
     for fmt, out in outputs.items():
-        done = tag(source, "-o", out, "--format", fmt, "--url", eval_server.url, "--part-rows", "7")
-        assert done.returncode == 0, done.stderr
-        summaries[fmt] = done.stderr
+        status, _, summaries[fmt] = nerserve(
+            capsys, "tag", source, "-o", out, "--format", fmt, "--url", server.url, "--part-rows", "7"
+        )
+        assert status == 0, summaries[fmt]
     spans = [orjson.loads(line) for line in outputs["spans"].read_bytes().splitlines()]
     assert [s["id"] for s in spans] == [*(r["id"] for r in rows[:5]), "bad", *(r["id"] for r in rows[5:])]
     assert spans[5]["error"].startswith("not-a-string") and spans[5]["spans"] is None
@@ -249,6 +236,7 @@ def test_formats_read_back_and_their_own_spans_score_one(eval_server, checkpoint
         assert all(0 <= s["start"] < s["end"] <= len(line["text"]) and 0 < s["score"] <= 1 for s in line["spans"])
 
     blocks = iter(read_conll(outputs["conll"]))  # a block per answered row with a token
+    hf_rows = []
     for line in answered:
         tokens = whitespace_tokens(line["text"])
         if tokens:
@@ -256,6 +244,7 @@ def test_formats_read_back_and_their_own_spans_score_one(eval_server, checkpoint
             assert words == [line["text"][s:e] for s, e in tokens]
             laid = tags_from_spans(tokens, [(s["start"], s["end"], s["label"]) for s in line["spans"]])
             assert tags == laid
+            hf_rows.append({"id": line["id"], "tokens": words, "ner_tags": tags})
     assert next(blocks, None) is None
 
     from spacy.tokens import DocBin
@@ -278,14 +267,29 @@ def test_formats_read_back_and_their_own_spans_score_one(eval_server, checkpoint
     assert f"spacy: {adjusted:,} entity spans adjusted" in summaries["spacy"]
     assert not (tmp_path / "out.spacy.parts").exists()
 
-    gold = write_jsonl(tmp_path / "gold.jsonl", answered)
-    report_path = tmp_path / "report.json"
-    result = evaluate(
-        gold, "--checkpoint", checkpoint, "--engine", "onnxruntime", "--report", report_path, "--fail-under", "1"
+    labels = list(checkpoints.LABELS)
+    hf = tmp_path / "gold.parquet"  # Hugging Face datasets rows: integer tags, named by the model's labels
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "ner_tags": [labels.index(t) for t in r["ner_tags"]]} for r in hf_rows]), hf
     )
-    assert result.returncode == 0, result.stderr
+    report_path = tmp_path / "report.json"
+    checkpoint = built("wordpiece-cased")
+    status, _, err = nerserve(
+        capsys,
+        "eval",
+        hf,
+        "--checkpoint",
+        checkpoint,
+        "--engine",
+        "onnxruntime",
+        "--report",
+        report_path,
+        "--fail-under",
+        "1",
+    )
+    assert status == 0, err
     report = orjson.loads(report_path.read_bytes())
-    assert report["micro"]["f1"] == 1.0 and report["target"] == "in process" and report["texts"] == len(answered)
+    assert report["micro"]["f1"] == 1.0 and report["target"] == "in process" and report["texts"] == len(hf_rows)
 
 
 def test_a_spacy_output_resumes_from_its_parts(tmp_path) -> None:
