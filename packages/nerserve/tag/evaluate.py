@@ -119,6 +119,8 @@ async def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     check_target_arguments(args)
     if args.fail_under is not None and not 0 <= args.fail_under <= 1:
         raise ValueError(f"--fail-under {args.fail_under:g}: F1 is between 0 and 1")
+    if not args.gold.is_file():  # before the target, which may load a model
+        raise GoldError(f"{args.gold}: no such file")
     fmt = gold_format(args.gold, args.gold_format)
     target = _target(args)
     try:
