@@ -16,6 +16,7 @@ deleted, cut short or replaced since is refused, never taken as complete nor pad
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Sequence
@@ -120,7 +121,8 @@ def open_output(
         return formats.SpacyWriter(path, state, part_rows)
     if fmt == "conll":
         strategy = fingerprint["options"]["aggregation_strategy"]
-        return LineWriter(path, state, lambda row, outcome: formats.conll_block(row, outcome, strategy), False, bytes)
+        block = functools.partial(formats.conll_block, strategy=strategy)
+        return LineWriter(path, state, block, array=False, serialize=bytes)
     if fmt == "spans":
         return LineWriter(path, state, formats.spans_record, array=False)
     encode = _label_studio_task(model_version) if fmt == "label-studio" else _row_record
