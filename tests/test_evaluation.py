@@ -16,7 +16,7 @@ from test_tag import write_jsonl
 import checkpoints
 import corpus
 from nerserve.cli import main
-from nerserve.evaluation.gold import GoldError, read_conll, read_gold
+from nerserve.evaluation.gold import GoldError, gold_format, read_conll, read_gold
 from nerserve.evaluation.scheme import entities, tags_from_spans, whitespace_tokens
 from nerserve.evaluation.scores import Tally
 from nerserve.tag import resume
@@ -152,6 +152,7 @@ def test_every_gold_format_reads_the_same_entities(tmp_path) -> None:
         assert [entities(example.tags) for example in good] == [entities(tags) for tags in iob2], name
     assert read["spans"][0].id == "a"
     assert [e.error.split(":")[0] for e in read["conll"] + read["spans"] + read["hf"] if e.error] == ["bad-gold"] * 3
+    assert [gold_format(p) for p in (conll, spans, hf_jsonl, hf_parquet)] == ["conll", "spans", "hf", "hf"]
     with pytest.raises(GoldError, match="label names"):
         list(read_gold(hf_jsonl, "hf"))
     assert read_conll(conll) == [*GOLD, (["Bad", "tag"], ["O", "X-PER"])]
