@@ -42,7 +42,7 @@ import orjson  # noqa: E402
 from load import paragraphs, requests_of  # noqa: E402
 
 from check_packed import check_packed, run_batched  # noqa: E402 - needs the path above
-from nerserve.export.conll import read_conll  # noqa: E402
+from nerserve.evaluation.gold import read_conll  # noqa: E402
 from nerserve.scores import TokenScores  # noqa: E402
 
 warnings.filterwarnings("ignore")

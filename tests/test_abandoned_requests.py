@@ -19,7 +19,7 @@ import httpx
 import orjson
 
 from conftest import CONLL_DEV, ROOT, ServerProcess, real_checkpoint
-from nerserve.export.conll import read_conll
+from nerserve.evaluation.gold import read_conll
 
 
 def conll_sentences(count: int) -> list[str]:

@@ -119,7 +119,9 @@ def test_the_package_has_no_import_cycle_counting_imports_inside_functions() -> 
 
 def test_the_package_parts_have_no_import_cycle() -> None:
     """Subpackages and top modules as nodes: `text` may use `schemas`, or the reverse, never both."""
-    assert {"nerserve.http", "nerserve.engines", "nerserve.export", "nerserve.schemas"} <= set(PARTS)
+    assert {"nerserve.http", "nerserve.engines", "nerserve.export", "nerserve.schemas", "nerserve.evaluation"} <= set(
+        PARTS
+    )
     assert cycles_of(PARTS) == []
 
 
@@ -135,6 +137,14 @@ def test_engines_load_and_export_makes() -> None:
     engines = {m: targets for m, targets in crossing.items() if part_of(m) == "nerserve.engines" and targets}
     assert "nerserve.engines.ort_engine" in GRAPH and engines == {}
     assert "nerserve.engine_folder" in PARTS["nerserve.engines"] & PARTS["nerserve.export"]
+
+
+def test_the_evaluator_imports_nothing_of_the_package() -> None:
+    """evaluation/ (gold readers, the tag scheme, the scores) stands alone, so the build's F1 check
+    (export/), `nerserve tag --format conll` and `nerserve eval` (tag/) share it without a cycle."""
+    assert {"nerserve.evaluation.scores", "nerserve.evaluation.gold"} <= set(GRAPH)
+    assert PARTS["nerserve.evaluation"] == set()
+    assert "nerserve.evaluation" in PARTS["nerserve.export"] & PARTS["nerserve.tag"]
 
 
 def test_the_host_half_imports_nothing_of_the_engine_side() -> None:

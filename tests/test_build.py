@@ -24,7 +24,7 @@ from nerserve.checkpoint import Checkpoint, load_checkpoint
 from nerserve.config import Runtime
 from nerserve.engines.ort_engine import OnnxRuntimeEngine
 from nerserve.engines.tensorrt_engine import pick_profile, profile_ladder
-from nerserve.export import conll, onnx_export
+from nerserve.export import onnx_export
 from nerserve.platform import Platform, current_platform
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,18 +297,6 @@ def test_documented_profile_count_is_the_ladders():
 def test_profile_ladder_refuses_a_budget_below_one_text():
     with pytest.raises(ValueError, match="below the max input length"):
         profile_ladder(256, 512)
-
-
-# --- the F1 measure the int8 build reports --------------------------------------------------------------
-
-
-def test_entity_spans_read_iob1_gold_and_iob2_predictions_alike():
-    iob1 = ["I-PER", "I-PER", "B-PER", "O", "I-LOC", "I-ORG"]
-    iob2 = ["B-PER", "I-PER", "B-PER", "O", "B-LOC", "B-ORG"]
-    expected = {(0, 2, "PER"), (2, 3, "PER"), (4, 5, "LOC"), (5, 6, "ORG")}
-    assert conll.entity_spans(iob1) == conll.entity_spans(iob2) == expected
-    assert conll.entity_f1([iob1], [iob2]) == 1.0
-    assert conll.entity_f1([iob1], [["B-PER", "I-PER", "I-PER", "O", "O", "O"]]) == 0.0
 
 
 # --- TensorRT (GPU machines with the tensorrt package) -----------------------------------------------------

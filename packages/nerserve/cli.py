@@ -1,4 +1,4 @@
-"""The `nerserve` command (also `python -m nerserve`): `serve`, `build-engine` and `tag`, as users of
+"""The `nerserve` command (also `python -m nerserve`): `serve`, `build-engine`, `tag` and `eval`, as users of
 `vllm serve` and `text-embeddings-router` expect. The parser reads each subcommand's arguments from
 its own module (export/build.py, tag/cli.py); what a subcommand runs (the server's processes, the
 model stack) is imported only when it runs.
@@ -66,10 +66,17 @@ def _tag(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .tag.evaluate import main
+
+    return main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     """The command's parser."""
     from .export.build import add_arguments as build_arguments
     from .tag.cli import add_arguments as tag_arguments
+    from .tag.evaluate import add_arguments as eval_arguments
 
     top = argparse.ArgumentParser(prog="nerserve", description=__doc__.split("\n\n")[0] if __doc__ else None)
     top.add_argument("--version", action="version", version=f"nerserve {__version__}")
@@ -91,6 +98,12 @@ def parser() -> argparse.ArgumentParser:
     )
     tag_arguments(tag)
     tag.set_defaults(run=_tag)
+
+    evaluate = commands.add_parser(
+        "eval", help="score the model on a gold corpus: entity precision, recall and F1, as seqeval computes them"
+    )
+    eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
     return top
 
 

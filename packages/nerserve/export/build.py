@@ -21,9 +21,10 @@ from .. import engine_folder as manifest_lib
 from ..checkpoint import Checkpoint, CheckpointUnavailable, load_checkpoint
 from ..config import PRECISIONS, Runtime, Settings
 from ..engines.tensorrt_engine import TensorRTEngine
+from ..evaluation.gold import read_conll
 from ..platform import Platform, current_platform
 from . import onnx_export
-from .conll import conll_f1, read_conll
+from .word_f1 import conll_f1
 
 #: the CoNLL-2003 dev set beside a checkout of this repository (its workspace's shared/), from its root
 DEFAULT_CONLL = Path("../shared/data/conll2003/eng.testa")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schemas import STRATEGIES
+from .formats import SpacyWriter
 from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_rows
 from .outputs import FORMATS, PART_ROWS, open_output
 from .progress import Progress
@@ -36,10 +37,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Tag a corpus: every row of INPUT through the model into OUTPUT, in order, resumable."
     parser.allow_abbrev = False  # read at parse time: no prefix of one option is taken for another
     parser.add_argument("input", type=Path, help=f"rows to tag ({', '.join(EXTENSIONS)})")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json)")
-    parser.add_argument("--format", choices=FORMATS, default="rows", help="rows (id, entities, error) or label-studio")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json, .conll, .spacy)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="rows",
+        help="rows (id, entities, error), label-studio, conll (IOB2), spacy (DocBin), spans (JSONL)",
+    )
     parser.add_argument("--text-field", default="text", help="the text's field or column (default text)")
     parser.add_argument("--id-field", default="id", help="the id's field or column (default id, else the row index)")
+    add_target_arguments(parser)
+    parser.add_argument("--commit-every", type=float, default=1.0, help="seconds between durable commits")
+    parser.add_argument(
+        "--part-rows",
+        type=int,
+        default=PART_ROWS,
+        help=f"Parquet output: rows per part file (default {PART_ROWS:,}; a kill costs at most these again)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUTPUT")
+
+
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """The way to run the model and the request options, shared by `nerserve tag` and `nerserve eval`."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="a server root or a Baseten deployment's base URL (posts to URL/predict_tokens)")
     where.add_argument(
@@ -82,14 +103,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrency", type=int, default=256, help="with --url: requests in flight at most")
     parser.add_argument("--max-retries", type=int, default=8, help="with --url: retries of a request before giving up")
     parser.add_argument("--timeout", type=float, default=120.0, help="with --url: seconds to wait for one answer")
-    parser.add_argument("--commit-every", type=float, default=1.0, help="seconds between durable commits")
-    parser.add_argument(
-        "--part-rows",
-        type=int,
-        default=PART_ROWS,
-        help=f"Parquet output: rows per part file (default {PART_ROWS:,}; a kill costs at most these again)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="start again, replacing OUTPUT")
+
+
+def check_target_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError for a count that must be positive and is not."""
+    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency) < 1:
+        raise ValueError("--batch-tokens, --batch-rows, --concurrency and --max-concurrency must be positive")
+
+
+def packing_of(args: argparse.Namespace) -> Packing:
+    """Rows per request: --batch-tokens and --batch-rows over the preset of the way the model runs."""
+    preset = HTTP_PACKING if args.url else ENGINE_PACKING
+    return Packing(args.batch_tokens or preset.tokens, args.batch_rows or preset.rows)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -157,10 +182,9 @@ async def _run(args: argparse.Namespace) -> int:
     kind_of(args.input)
     if not args.input.is_file():
         raise InputError(f"{args.input}: no such file")
-    if min(args.batch_tokens or 1, args.batch_rows or 1, args.concurrency, args.max_concurrency, args.part_rows) < 1:
-        raise ValueError(
-            "--batch-tokens, --batch-rows, --concurrency, --max-concurrency and --part-rows must be positive"
-        )
+    check_target_arguments(args)
+    if args.part_rows < 1:
+        raise ValueError("--part-rows must be positive")
     fields = Fields(args.text_field, args.id_field)
     target = _target(args)
     try:
@@ -178,16 +202,17 @@ async def _run(args: argparse.Namespace) -> int:
             return 0
         progress = Progress(count_rows(args.input), writer.state.rows)
         rows = read_rows(args.input, fields, start=writer.state.rows)
-        preset = HTTP_PACKING if args.url else ENGINE_PACKING
-        packing = Packing(args.batch_tokens or preset.tokens, args.batch_rows or preset.rows)
         try:
-            await tag(rows, target, writer, progress, packing, args.commit_every)
+            await tag(rows, target, writer, progress, packing_of(args), args.commit_every)
         except Unreachable as error:
             print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
             print(f"nerserve tag: {error}; the rows written are kept: rerun the same command to go on", file=sys.stderr)
             return 1
         writer.finish()
-        print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
+        summary = progress.summary(target.retries, str(args.output))
+        if isinstance(writer, SpacyWriter):
+            summary.insert(-1, writer.note())
+        print("\n".join(summary), file=sys.stderr)
         return 0
     except Unreachable as error:
         print(f"nerserve tag: {error}", file=sys.stderr)

@@ -120,6 +120,12 @@ class HttpTarget:
         (404, 405). A server still loading (503), overloaded or unreachable is waited for like any
         request, and past the retries the job ends before anything is written: the fingerprint never
         depends on when the job started relative to the model's load."""
+        info = await self.info()
+        return {"url": self.url} if info is None else {key: info.get(key) for key in MODEL_KEYS}
+
+    async def info(self) -> dict[str, Any] | None:
+        """The server's whole /info (its labels too), or None where the deployment does not route it;
+        waited for as `model` says."""
         url = self.url + "/info"
         attempt = 0
         while True:
@@ -132,11 +138,11 @@ class HttpTarget:
                     info = None
                 if not isinstance(info, dict):
                     raise Unreachable(f"{url} answered 200 with something other than a JSON object")
-                return {key: info.get(key) for key in MODEL_KEYS}
+                return info
             if status in (401, 403):  # every request would be refused: say so before anything is written
                 raise Unreachable(f"{url}: {FATAL[status]} ({_problem(response)})")
             if status in (404, 405) or about_content(status):
-                return {"url": self.url}
+                return None
             attempt += 1
             await self._back_off(str(status), attempt, retry_after(response), f"{url}: {_problem(response)}")
 

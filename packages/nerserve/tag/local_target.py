@@ -67,8 +67,12 @@ class LocalEngine:
                 return [row_error(kind, f"{error.kind}: {error.message}")]
 
     def model(self) -> dict[str, Any]:
-        info = self.service.info()
+        info = self.info()
         return {key: info.get(key) for key in MODEL_KEYS}
+
+    def info(self) -> dict[str, Any]:
+        """What the server's /info would show (its labels too)."""
+        return self.service.info()
 
     def close(self) -> None:
         self.service.close()
@@ -86,6 +90,9 @@ class LocalTarget:
 
     async def model(self) -> dict[str, Any]:
         return self.engine.model()
+
+    async def info(self) -> dict[str, Any]:
+        return self.engine.info()
 
     async def answer(self, texts: list[str]) -> list[Outcome]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.engine.answer, texts)

@@ -16,6 +16,7 @@ deleted, cut short or replaced since is refused, never taken as complete nor pad
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Sequence
@@ -24,10 +25,16 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from . import resume
+from . import formats, resume
 from .rows import Outcome, Row
 
-FORMATS = ("rows", "label-studio")
+FORMATS = ("rows", "label-studio", "conll", "spacy", "spans")
+#: the extensions of the formats of formats.py
+SUFFIXES = {
+    "conll": (".conll",),
+    "spacy": (".spacy",),
+    "spans": (".jsonl",),
+}
 #: the Arrow type of one text's entities: what /predict_tokens returns for it (`results`: label -> score)
 ENTITY_FIELDS = (
     ("token", "string"),
@@ -91,6 +98,8 @@ def open_output(
         raise ValueError(f"{path}: --format label-studio writes .json (one array) or .jsonl (a task a line)")
     if fmt == "rows" and suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{path}: rows are written as .jsonl or .parquet (or --format label-studio)")
+    if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
+        raise ValueError(f"{path}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])}")
     previous = None if overwrite else resume.load(path)
     if previous is not None:
         resume.check(path, previous, fingerprint)
@@ -108,6 +117,14 @@ def open_output(
     state = previous or resume.State(fingerprint)
     if suffix == ".parquet":
         return ParquetWriter(path, state, part_rows)
+    if fmt == "spacy":
+        return formats.SpacyWriter(path, state, part_rows)
+    if fmt == "conll":
+        strategy = fingerprint["options"]["aggregation_strategy"]
+        block = functools.partial(formats.conll_block, strategy=strategy)
+        return LineWriter(path, state, block, array=False, serialize=bytes)
+    if fmt == "spans":
+        return LineWriter(path, state, formats.spans_record, array=False)
     encode = _label_studio_task(model_version) if fmt == "label-studio" else _row_record
     return LineWriter(path, state, encode, array=suffix == ".json")
 
@@ -117,6 +134,9 @@ def check_intact(path: Path, state: resume.State) -> None:
     recorded bytes, Parquet's recorded parts (or, once complete, the whole file) with their rows."""
     record = resume.state_path(path).name
     again = "it cannot be continued: rerun with --overwrite to start again, or write to another file"
+    if path.suffix.lower() == ".spacy":
+        formats.check_spacy_intact(path, state, again)
+        return
     if path.suffix.lower() != ".parquet":
         if not path.is_file():
             if state.offset or state.complete:
@@ -154,7 +174,7 @@ def _remove(path: Path) -> None:
 
 
 def _parts(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
+    return resume.parts_folder(path)
 
 
 def _part(path: Path, number: int) -> Path:
@@ -200,10 +220,12 @@ def _label_studio_task(model_version: str):
 
 
 class LineWriter:
-    """One JSON value a line, or (`array`) one JSON array whose closing bracket is written by `finish`."""
+    """One JSON value a line, or (`array`) one JSON array whose closing bracket is written by `finish`;
+    with another `serialize`, `encode`'s bytes a row (CoNLL's block)."""
 
-    def __init__(self, path: Path, state: resume.State, encode, array: bool) -> None:
+    def __init__(self, path: Path, state: resume.State, encode, array: bool, serialize=orjson.dumps) -> None:
         self.path, self.state, self.encode, self.array = path, state, encode, array
+        self.serialize = serialize
         # the file stays open across commits (finish closes it); created when this is the first run
         self.file: IO[bytes] = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
         self.file.truncate(state.offset)  # drops whatever a killed run wrote past its last commit
@@ -213,7 +235,7 @@ class LineWriter:
         self.added = 0
 
     def add(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None:
-        dumps, encode = orjson.dumps, self.encode
+        dumps, encode = self.serialize, self.encode
         lines = [dumps(encode(row, outcome)) for row, outcome in zip(rows, outcomes, strict=True)]
         if self.array:
             first = self.state.rows + self.added == 0

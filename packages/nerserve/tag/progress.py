@@ -25,7 +25,10 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts of this run (`earlier`: rows a previous run already wrote), drawn as it goes."""
 
-    def __init__(self, total: int | None, earlier: int, stream: TextIO | None = None, every_s: float = 5.0) -> None:
+    def __init__(
+        self, total: int | None, earlier: int, stream: TextIO | None = None, every_s: float = 5.0, command: str = "tag"
+    ) -> None:
+        self.command = command  # the subcommand the lines name: tag, eval
         self.stream = stream or sys.stderr
         self.total, self.earlier = total, earlier
         self.rows = self.tokens = self.answered = 0
@@ -65,10 +68,11 @@ class Progress:
         done = self.earlier + self.rows
         elapsed = max(1e-9, time.monotonic() - self.started)
         if not self.total:
-            return f"tag: {done:,} rows, ~{self.rate():,.0f} tokens/s"
+            return f"{self.command}: {done:,} rows, ~{self.rate():,.0f} tokens/s"
         eta = (self.total - done) / max(1e-9, self.rows / elapsed)
         share = 100 * done / self.total
-        return f"tag: {done:,}/{self.total:,} rows ({share:.0f}%), ~{self.rate():,.0f} tokens/s, ETA {_duration(eta)}"
+        rate = f"~{self.rate():,.0f} tokens/s, ETA {_duration(eta)}"
+        return f"{self.command}: {done:,}/{self.total:,} rows ({share:.0f}%), {rate}"
 
     def summary(self, retries: Counter[str], output: str) -> list[str]:
         """The closing lines; tokens are estimated (rows.estimated_tokens), as the client has no tokenizer."""
@@ -80,7 +84,7 @@ class Progress:
         errors = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items())) or "none"
         total_errors = sum(self.errors.values())
         lines = [
-            f"nerserve tag: {self.rows:,} rows{earlier} in {elapsed:.2f} s, ~{self.tokens:,} tokens "
+            f"nerserve {self.command}: {self.rows:,} rows{earlier} in {elapsed:.2f} s, ~{self.tokens:,} tokens "
             f"(~{self.rate():,.0f} tokens/s); retries: {retried}; errors by kind: {errors}"
         ]
         if self.errors[FAILED]:

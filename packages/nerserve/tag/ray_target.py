@@ -64,6 +64,9 @@ class NerTagger:
     def model(self) -> dict[str, Any]:
         return self.engine.model()
 
+    def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
     def __call__(self, batch: Any) -> Any:
         """A pyarrow Table (or a dict of columns) in, the same rows with `entities` and `error` out."""
         import pyarrow as pa
@@ -124,6 +127,9 @@ class RayTarget:
 
     async def model(self) -> dict[str, Any]:
         return await self._call("model")
+
+    async def info(self) -> dict[str, Any]:
+        return await self._call("info")
 
     async def answer(self, texts: list[str]) -> list[Outcome]:
         return await self._call("answer", texts)

@@ -39,6 +39,11 @@ def state_path(output: Path) -> Path:
     return output.with_name(output.name + ".state.json")
 
 
+def parts_folder(output: Path) -> Path:
+    """Where the part files of a one-file output (Parquet, a spaCy DocBin) wait until the end."""
+    return output.with_name(output.name + ".parts")
+
+
 def load(output: Path) -> State | None:
     path = state_path(output)
     if not path.is_file():
