@@ -43,8 +43,10 @@ def request_id(supplied: str | None) -> str:
 class Envelope:
     """The ASGI wrapper around the app (module docstring)."""
 
-    OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")  # the page is public; its fetches send the key
-    ROUTES = (*PREDICT_ROUTES, "/health", "/info", "/metrics")
+    #: read without a key (GET and HEAD only: POST / is the Hugging Face route): the page is public, its
+    #: fetches send the key
+    OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")
+    ROUTES = (*PREDICT_ROUTES, "/", "/health", "/info", "/metrics")
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -87,7 +89,8 @@ class Envelope:
             await send(message)
 
         try:
-            if self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
+            open_path = scope["path"] in self.OPEN_PATHS and scope["method"] in ("GET", "HEAD")
+            if self.api_key and not open_path and not self._authorized(headers):
                 refusal = error_response(
                     Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
                 )
