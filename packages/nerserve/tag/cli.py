@@ -26,7 +26,7 @@ from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_ro
 from .outputs import FORMATS, PART_ROWS, open_output
 from .progress import Progress
 from .resume import Damaged, Mismatch
-from .rows import RequestOptions, Unreachable
+from .rows import RequestOptions, Selection, Unreachable
 from .run import ENGINE_PACKING, HTTP_PACKING, Packing, Target, tag
 
 DEFAULT_KEY_VARIABLE = "BASETEN_API_KEY"
@@ -37,7 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.allow_abbrev = False  # read at parse time: no prefix of one option is taken for another
     parser.add_argument("input", type=Path, help=f"rows to tag ({', '.join(EXTENSIONS)})")
     parser.add_argument("-o", "--output", type=Path, required=True, help="where to write (.jsonl, .parquet; .json)")
-    parser.add_argument("--format", choices=FORMATS, default="rows", help="rows (id, entities, error) or label-studio")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="rows",
+        help="rows (id, entities, error), label-studio, or redacted (id, text with each entity as [LABEL], error)",
+    )
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        help="keep only entities of these labels, comma-separated (PER,LOC; strategy none: B-PER is PER)",
+    )
+    parser.add_argument("--min-score", type=float, help="keep only entities scored at least this (every format)")
     parser.add_argument("--text-field", default="text", help="the text's field or column (default text)")
     parser.add_argument("--id-field", default="id", help="the id's field or column (default id, else the row index)")
     where = parser.add_mutually_exclusive_group()
@@ -103,6 +114,24 @@ def main(args: argparse.Namespace) -> int:
         return 130
 
 
+def _labels(value: str) -> frozenset[str]:
+    labels = frozenset(label.strip() for label in value.split(",") if label.strip())
+    if not labels:
+        raise argparse.ArgumentTypeError("name at least one label, e.g. PER,LOC")
+    return labels
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    if args.min_score is not None and not 0.0 <= args.min_score <= 1.0:
+        raise ValueError(f"--min-score must be between 0 and 1 (a probability), not {args.min_score}")
+    if args.format == "redacted" and args.aggregation_strategy == "none":
+        raise ValueError(
+            "--format redacted replaces entities: choose a grouped --aggregation-strategy (simple, first, "
+            "average, max), not none (one item per token)"
+        )
+    return Selection(args.labels, args.min_score)
+
+
 def _options(args: argparse.Namespace) -> RequestOptions:
     return RequestOptions(args.aggregation_strategy, args.truncate, args.truncation_direction)
 
@@ -162,12 +191,18 @@ async def _run(args: argparse.Namespace) -> int:
             "--batch-tokens, --batch-rows, --concurrency, --max-concurrency and --part-rows must be positive"
         )
     fields = Fields(args.text_field, args.id_field)
+    selection = _selection(args)
     target = _target(args)
     try:
         model = await target.model()
         fingerprint = {
             "input": input_fingerprint(args.input),
-            "options": {**dataclasses.asdict(_options(args)), "text_field": fields.text, "id_field": fields.id},
+            "options": {
+                **dataclasses.asdict(_options(args)),
+                "text_field": fields.text,
+                "id_field": fields.id,
+                **selection.fingerprint(),
+            },
             "format": args.format,
             "model": model,
         }
@@ -181,7 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
         preset = HTTP_PACKING if args.url else ENGINE_PACKING
         packing = Packing(args.batch_tokens or preset.tokens, args.batch_rows or preset.rows)
         try:
-            await tag(rows, target, writer, progress, packing, args.commit_every)
+            await tag(rows, target, writer, progress, packing, args.commit_every, selection)
         except Unreachable as error:
             print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
             print(f"nerserve tag: {error}; the rows written are kept: rerun the same command to go on", file=sys.stderr)
