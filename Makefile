@@ -20,7 +20,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
 .PHONY: install lint format serve test stress bench screenshot build-engine clean
 
-$(STAMP): requirements.txt requirements-ray.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-ray.txt requirements-presidio.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
