@@ -70,6 +70,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/host.py
 	$(PY) bench/tag.py
+	$(PY) bench/hf_api.py
 
 # The README's picture of the page (docs/ui.png), taken by the browser test on the shared checkpoint.
 screenshot: $(STAMP)
