@@ -8,6 +8,7 @@ checkpoint on CoNLL sentences."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -135,3 +136,28 @@ def test_bpe_equals_pipeline(built) -> None:
         record(f"POST / (in process, torch) bpe {strategy:8} {len(TEXTS)} texts, {items} items equal")
     got = hf_in_process(svc, {"inputs": LONG, "parameters": {"aggregation_strategy": "average", "stride": STRIDE}})
     assert_equal(pipeline_answers(path, [LONG], STRIDE, aggregation_strategy="average")[0], got[0], 1e-4)
+
+
+def test_fuzzing_from_openapi(server) -> None:
+    """Schemathesis bodies for POST / from the server's own schema: never a 500, errors in the API's shape."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.generation import GenerationMode
+
+    operation = schemathesis.openapi.from_url(server.url + "/openapi.json")["/"]["POST"]
+    statuses: Counter = Counter()
+    strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
+
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def fuzz(case) -> None:
+        response = case.call(base_url=server.url, timeout=60)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, response.text
+        if response.status_code != 200:
+            assert set(response.json()) == {"error", "error_type"}
+
+    fuzz()
+    assert statuses[200] > 20 and statuses[422] > 20, statuses
+    record(f"POST / fuzzing: {sum(statuses.values())} requests, by status {dict(sorted(statuses.items()))}")

@@ -63,7 +63,8 @@ def predict_openapi() -> dict[str, Any]:
 
 
 def hf_openapi() -> dict[str, Any]:
-    """`openapi_extra` for the Hugging Face token-classification route (POST /)."""
+    """`openapi_extra` for the Hugging Face token-classification route (POST /); its request's nested
+    model (`parameters`) written in place, as pydantic's `$defs` would be refs no reader can resolve there."""
     answer = {
         "anyOf": [
             {"type": "array", "items": _HF_ITEM},
@@ -71,7 +72,23 @@ def hf_openapi() -> dict[str, Any]:
         ]
     }
     why = "transformers.pipeline's answer: a list of items for one text, a list of lists for a list of texts"
-    return _described(HfRequest.model_json_schema(), why, answer)
+    return _described(_inlined(HfRequest.model_json_schema()), why, answer)
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each `{"$ref": "#/$defs/X"}` replaced by X itself (pydantic's models here nest no cycle)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolved(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolved(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolved(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolved(value) for value in node]
+        return node
+
+    return resolved(schema)
 
 
 def _described(request: dict[str, Any], answered: str, answer: dict[str, Any]) -> dict[str, Any]:

@@ -184,24 +184,25 @@ class Aggregator:
         ignored = np.array([group in ignore_labels for group in self.scheme.groups], dtype=bool)
         found = self._entities(texts, windows, scores, strategy, ignored)
         names = self.scheme.groups
-        strings = [
-            self.tokenizer.vocab[i] if i != self.tokenizer.unk_id else texts[t][s:e]
-            for i, t, s, e in zip(
-                found.ids.tolist(),
-                found.text_of_token.tolist(),
-                found.token_starts.tolist(),
-                found.token_ends.tolist(),
-                strict=True,
-            )
-        ]
+        vocab, unk = self.tokenizer.vocab, self.tokenizer.unk_id
+        ids, text_of_token = found.ids.tolist(), found.text_of_token.tolist()
+        token_starts, token_ends = found.token_starts.tolist(), found.token_ends.tolist()
+
+        def strings(first: int, last: int) -> list[str]:
+            """The token strings of content tokens first..last, an `[UNK]`'s text in its place."""
+            return [
+                vocab[ids[k]] if ids[k] != unk else texts[text_of_token[k]][token_starts[k] : token_ends[k]]
+                for k in range(first, last + 1)
+            ]
+
         decode = self.tokenizer.decode
         word_first, word_last = found.word_first.tolist(), found.word_last.tolist()
 
         def word(entity: int) -> str:
             words = range(int(found.entity_first_word[entity]), int(found.entity_last_word[entity]) + 1)
             if strategy == "simple":
-                return decode([strings[w] for w in words])
-            return decode([decode(strings[word_first[w] : word_last[w] + 1]) for w in words])
+                return decode(strings(words[0], words[-1]))
+            return decode([decode(strings(word_first[w], word_last[w])) for w in words])
 
         return [
             [
