@@ -20,7 +20,7 @@ export PYTHONPATH := $(CURDIR)/packages:$(CURDIR)
 
 .PHONY: install lint format serve test stress soak bench screenshot build-engine clean
 
-$(STAMP): requirements.txt requirements-ray.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-ray.txt requirements-presidio.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull a CUDA build.
@@ -66,13 +66,15 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 # The pipeline, the engine and the server over HTTP (bench/run.py), then the server's processes: host
 # capacity at each worker count, the real engine beside the single-process server, mixed load (bench/host.py);
 # `nerserve tag` over HTTP, in process and on Ray, its own CPU, and a resume after SIGKILL (bench/tag.py);
-# `nerserve eval` beside `nerserve tag` and its F1 beside the build's (bench/eval.py); the HTTP rate of the
-# tree before issue 24's limits and of this one, in turns in one run (bench/http_rate.py).
+# `nerserve eval` beside `nerserve tag` and its F1 beside the build's (bench/eval.py); the Hugging Face route
+# beside /predict_tokens and Presidio with NerServeRecognizer beside its own engine (bench/hf_api.py); the HTTP
+# rate of the tree before issue 24's limits and of this one, in turns in one run (bench/http_rate.py).
 bench: $(BENCH_STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/host.py
 	$(PY) bench/tag.py
 	$(PY) bench/eval.py
+	$(PY) bench/hf_api.py
 	$(PY) bench/http_rate.py
 
 # Ten minutes of mixed, partly hostile load with a worker killed every minute (bench/soak.py; issue 24):

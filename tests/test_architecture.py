@@ -154,6 +154,13 @@ def test_the_host_half_imports_nothing_of_the_engine_side() -> None:
     assert {name: targets for name, targets in crossing.items() if targets} == {}
 
 
+def test_the_optional_presidio_recognizer_is_imported_by_nothing_of_the_package() -> None:
+    """presidio is an optional extra: the server, the CLI and every other part must start without it."""
+    assert "presidio_analyzer" in (PACKAGE / "presidio.py").read_text()  # the module read is the recognizer
+    assert PARTS["nerserve.presidio"] == set()
+    assert sorted(name for name, targets in GRAPH.items() if "nerserve.presidio" in targets) == []
+
+
 @pytest.mark.parametrize(
     "modules",
     [

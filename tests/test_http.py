@@ -9,6 +9,8 @@ import time
 
 import httpx
 import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import HfHubHTTPError
 from test_parity import compare, oracle
 
 import corpus
@@ -108,6 +110,8 @@ def test_info_metrics_openapi(server) -> None:
     spec = httpx.get(server.url + "/openapi.json").json()
     for path in ("/predict_tokens", "/predict", "/v1/models/model:predict", "/health", "/info", "/metrics"):
         assert path in spec["paths"]
+    hf = spec["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(hf["properties"]) == {"inputs", "parameters"}
     body = spec["paths"]["/predict_tokens"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {
         "inputs",
@@ -181,6 +185,18 @@ def test_api_key_header_forms(server) -> None:
     assert no_key.status_code == 401 and no_key.json()["error_type"] == "Unauthorized"
     assert httpx.post(server.url + "/predict_tokens", json={"inputs": "a"}, headers={"Api-Key": KEY}).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_hf_route_takes_the_key_as_every_route_does(server) -> None:
+    """POST / (the Hugging Face API) needs the key though GET / (the page's redirect) does not; the
+    client sends it as `Authorization: Bearer`."""
+    answer = InferenceClient(model=server.url, token=KEY).token_classification("Wolfgang", aggregation_strategy="max")
+    assert all(item.start == 0 for item in answer)
+    with pytest.raises(HfHubHTTPError, match="API key"):
+        InferenceClient(model=server.url).token_classification("Wolfgang")  # no token in the tests' HF_HOME
+    for headers in ({"Api-Key": KEY}, {"Authorization": f"Api-Key {KEY}"}):
+        assert httpx.post(server.url, json={"inputs": "a"}, headers=headers).status_code == 200
+    assert httpx.get(server.url + "/").status_code == 307
 
 
 def test_unknown_route_and_method_answer_json(server) -> None:

@@ -5,9 +5,9 @@ field, not a silent coercion."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from .errors import Empty, Invalid, PayloadTooLarge
 
@@ -68,6 +68,59 @@ class PredictRequest(BaseModel):
         return flat
 
 
+class HfParameters(BaseModel):
+    """The `parameters` of the Hugging Face token-classification request: the pipeline's own arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aggregation_strategy: Annotated[Strategy, BeforeValidator(_lower)] | None = Field(
+        None, description="As the pipeline's: none (the default), simple, first, average, max."
+    )
+    ignore_labels: list[StrictStr] | None = Field(
+        None, description='Labels (none) or entity groups left out; the pipeline\'s default ["O"].'
+    )
+    stride: StrictInt | None = Field(
+        None,
+        description="Read the whole text in windows overlapping by this many tokens (not with none); "
+        "without it the text is cut to the model's length, as the pipeline does.",
+    )
+
+
+class HfRequest(BaseModel):
+    """POST / body: what `huggingface_hub.InferenceClient.token_classification` sends."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": "Angela Merkel visited Paris.",
+                    "parameters": {"aggregation_strategy": "simple"},
+                }
+            ]
+        },
+    )
+
+    inputs: StrictStr | list[StrictStr] = Field(description="One text (one list answered) or a list of texts.")
+    parameters: HfParameters = Field(default_factory=lambda: HfParameters.model_validate({}))
+
+    @property
+    def strategy(self) -> str:
+        return self.parameters.aggregation_strategy or "none"
+
+    @property
+    def ignore_labels(self) -> frozenset[str]:
+        ignore = self.parameters.ignore_labels
+        return frozenset(("O",) if ignore is None else ignore)
+
+    def predict_request(self) -> PredictRequest:
+        """The same texts as /predict_tokens reads them: cut to the model's length without `stride`, as
+        the pipeline cuts them; with it, read whole in windows (their overlap is given to the tokenizer)."""
+        return PredictRequest.model_validate(
+            {"inputs": self.inputs, "aggregation_strategy": self.strategy, "truncate": self.parameters.stride is None}
+        )
+
+
 class TokenResult(BaseModel):
     """One token (strategy none) or one entity (grouped strategies)."""
 
@@ -91,13 +144,7 @@ def parse_request(payload: object, max_texts: int) -> PredictRequest:
     """Validate a decoded JSON body; raise Invalid/Empty/PayloadTooLarge naming the field. The texts
     are counted on the raw payload first, so a body of a million items is refused for their number
     before any of them is validated."""
-    count = _count_texts(payload)
-    if count > max_texts:
-        raise PayloadTooLarge(f"inputs: {count} texts exceed the limit of {max_texts} per request")
-    try:
-        request = PredictRequest.model_validate(payload)
-    except ValidationError as error:
-        raise Invalid(_describe(error)) from None
+    request = _validated(PredictRequest, payload, max_texts)
     if isinstance(request.inputs, list):
         if not request.inputs:
             raise Empty("inputs: must hold at least one text")
@@ -107,6 +154,34 @@ def parse_request(payload: object, max_texts: int) -> PredictRequest:
     if request.raw_scores and request.aggregation_strategy != "none":
         raise Invalid(f"raw_scores: only with aggregation_strategy none, not {request.aggregation_strategy!r}")
     return request
+
+
+def parse_hf_request(payload: object, max_texts: int) -> HfRequest:
+    """Validate a Hugging Face token-classification body as parse_request does, and refuse what the
+    pipeline refuses: `stride` with strategy none, a negative one (the model's bound is the tokenizer's)."""
+    request = _validated(HfRequest, payload, max_texts)
+    if isinstance(request.inputs, list) and not request.inputs:
+        raise Empty("inputs: must hold at least one text")
+    stride = request.parameters.stride
+    if stride is not None and request.strategy == "none":
+        raise Invalid("parameters.stride: the pipeline reads whole texts only with a strategy other than none")
+    if stride is not None and stride < 0:
+        raise Invalid(f"parameters.stride: must not be negative, not {stride}")
+    return request
+
+
+Parsed = TypeVar("Parsed", PredictRequest, HfRequest)
+
+
+def _validated(model: type[Parsed], payload: object, max_texts: int) -> Parsed:
+    """`payload` as `model`, its texts counted first (PayloadTooLarge past `max_texts`), else Invalid."""
+    count = _count_texts(payload)
+    if count > max_texts:
+        raise PayloadTooLarge(f"inputs: {count} texts exceed the limit of {max_texts} per request")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        raise Invalid(_describe(error)) from None
 
 
 def _count_texts(payload: object) -> int:
@@ -129,8 +204,8 @@ def _describe(error: ValidationError) -> str:
                 path += ("." if path else "") + part
         if len(path) > ECHO_CHARS:  # an unknown field's name is the client's
             path = path[:ECHO_CHARS] + "..."
-        if item["type"] == "literal_error" and path in ("aggregation_strategy", "truncation_direction"):
-            allowed = STRATEGIES if path == "aggregation_strategy" else ("Right", "Left")
+        if item["type"] == "literal_error" and path.endswith(("aggregation_strategy", "truncation_direction")):
+            allowed = STRATEGIES if path.endswith("aggregation_strategy") else ("Right", "Left")
             messages.append(f"{path}: must be one of {', '.join(allowed)}, not {echo(item['input'])}")
         else:
             messages.append(f"{path or 'body'}: {item['msg'][:ECHO_CHARS]}")

@@ -23,12 +23,13 @@ from .. import __version__
 from ..config import Settings
 from ..errors import ApiError, Timeout
 from ..metrics import Metrics, render
-from ..schemas import PredictRequest, parse_request
-from ..text.frontend import Frontend
+from ..schemas import PredictRequest, parse_hf_request, parse_request
+from ..scores import TokenScores
+from ..text.frontend import Encoded, Frontend, Prepared
 from .body import read_json
 from .engine_link import EngineLink
 from .envelope import PREDICT_ROUTES, Envelope
-from .openapi import METRICS_MEDIA_TYPE, METRICS_RESPONSES, predict_openapi
+from .openapi import METRICS_MEDIA_TYPE, METRICS_RESPONSES, hf_openapi, predict_openapi
 from .page import add_page
 from .readiness import WorkerState
 from .responses import error_response, json_response
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 #: larger ones go to a thread, so the loop keeps answering its other connections meanwhile (the tokenizer
 #: and orjson release the interpreter lock while they work)
 INLINE_TEXTS, INLINE_CHARS, INLINE_TOKENS = 256, 100_000, 8192
+#: a request's items from its tokenized texts and their scores, where they are not /predict_tokens' own
+Render = Callable[[Prepared, TokenScores], list[Any]]
 
 
 def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> FastAPI:
@@ -78,6 +81,36 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
             openapi_extra=predict_openapi(),
         )
 
+    async def hf_predict(request: Request) -> Response:
+        """The Hugging Face token-classification API (what `InferenceClient(model=URL)` posts to `/`): the
+        same path as /predict_tokens, answered in the pipeline's items; one text, one list."""
+        try:
+            frontend = state.ready()
+            payload = await read_json(request, settings.max_body_bytes)
+            parsed = parse_hf_request(payload, settings.max_texts)
+            ignore, single = parsed.ignore_labels, isinstance(parsed.inputs, str)
+
+            def render(prepared: Prepared, scores: TokenScores) -> list[Any]:
+                items = frontend.hf_answer(prepared, ignore, scores)
+                return items[0] if single else items
+
+            return await _answer(
+                request,
+                state.link,
+                frontend,
+                parsed.predict_request(),
+                settings,
+                metrics,
+                stride=parsed.parameters.stride,
+                render=render,
+            )
+        except ApiError as error:
+            return error_response(error)
+
+    app.add_api_route(
+        "/", hf_predict, methods=["POST"], name="hf_predict", response_class=Response, openapi_extra=hf_openapi()
+    )
+
     def when_ready(body: Callable[[], Any]) -> Response:
         """`body()` as JSON once this worker can serve, else 503 saying why."""
         try:
@@ -109,12 +142,17 @@ async def _answer(
     parsed: PredictRequest,
     settings: Settings,
     metrics: Metrics,
+    stride: int | None = None,
+    render: Render | None = None,
 ) -> Response:
     """Tokenize (refused past max_request_tokens), score on the engine (bounded by the timeout,
     abandoned if the client goes away), aggregate, encode. Large requests are tokenized, and large
     answers made and encoded, in a thread, so this worker's event loop keeps answering its other
     connections meanwhile; a request given up sets `given_up`, which that thread reads between
-    bounded pieces of its work, so nothing keeps working for a request that has had its 504."""
+    bounded pieces of its work, so nothing keeps working for a request that has had its 504.
+    `stride`: over-long texts' windows overlap by it; `render`: the answer's items in another shape
+    than /predict_tokens' (the Hugging Face route's, made whole: its texts are cut to the model's
+    length, or its entities are few)."""
     started = time.perf_counter()
     texts = parsed.texts()
     inline = len(texts) <= INLINE_TEXTS and sum(len(text) for text in texts) <= INLINE_CHARS
@@ -123,13 +161,18 @@ async def _answer(
     async def respond() -> bytes:
         limit = settings.max_request_tokens
         if inline:
-            prepared = frontend.prepare(parsed, limit)
+            prepared = frontend.prepare(parsed, limit, None, stride)
         else:
-            prepared = await asyncio.to_thread(frontend.prepare, parsed, limit, given_up.is_set)
+            prepared = await asyncio.to_thread(frontend.prepare, parsed, limit, given_up.is_set, stride)
         tokenized = time.perf_counter()
         metrics.stage("tokenization", tokenized - started)
         scores = await link.score(prepared.sequences, prepared.keep_logits)
-        if prepared.tokens <= INLINE_TOKENS:
+        if render is not None:
+            encoded = await _rendered(render, prepared, scores, prepared.tokens > INLINE_TOKENS)
+            body = encoded.body
+            metrics.stage("aggregation", encoded.aggregation_s)
+            metrics.stage("encoding", encoded.encoding_s)
+        elif prepared.tokens <= INLINE_TOKENS:
             scored = time.perf_counter()
             items = frontend.answer(prepared, scores)
             aggregated = time.perf_counter()
@@ -162,6 +205,18 @@ async def _answer(
     body = work.result()  # an engine failure (500) or a refusal (429, 503) raises its ApiError here
     metrics.total_seconds.observe(time.perf_counter() - started)
     return Response(body, media_type="application/json")
+
+
+async def _rendered(render: Render, prepared: Prepared, scores: TokenScores, in_thread: bool) -> Encoded:
+    """`render`'s items as JSON, timed; made in a thread when `in_thread`."""
+
+    def make() -> Encoded:
+        begun = time.perf_counter()
+        items = render(prepared, scores)
+        made = time.perf_counter()
+        return Encoded(orjson.dumps(items), made - begun, time.perf_counter() - made)
+
+    return await asyncio.to_thread(make) if in_thread else make()
 
 
 async def _disconnected(request: Request) -> None:

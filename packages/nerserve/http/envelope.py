@@ -44,8 +44,10 @@ def request_id(supplied: str | None) -> str:
 class Envelope:
     """The ASGI wrapper around the app (module docstring)."""
 
-    OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")  # the page is public; its fetches send the key
-    ROUTES = (*PREDICT_ROUTES, "/health", "/info", "/metrics")
+    #: read without a key (GET and HEAD only: POST / is the Hugging Face route): the page is public, its
+    #: fetches send the key
+    OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")
+    ROUTES = (*PREDICT_ROUTES, "/", "/health", "/info", "/metrics")
     FREE_PATHS = ("/health", "/info", "/metrics")  # served even to a connection past max_connections
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, metrics: Metrics) -> None:
@@ -89,10 +91,11 @@ class Envelope:
             await send(message)
 
         try:
+            open_path = scope["path"] in self.OPEN_PATHS and scope["method"] in ("GET", "HEAD")
             if scope.get(OVER_CAPACITY) and scope["path"] not in self.FREE_PATHS:
                 busy = TooManyConnections("this worker is at its max_connections; retry soon")
                 await error_response(busy)(scope, tracked_receive, send_with_headers)
-            elif self.api_key and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
+            elif self.api_key and not open_path and not self._authorized(headers):
                 refusal = error_response(
                     Unauthorized("missing or wrong API key (Authorization: Bearer <key> or Api-Key <key>)")
                 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..schemas import PredictRequest, TokenResult
+from ..schemas import HfRequest, PredictRequest, TokenResult
 
 _ERROR_SCHEMA = {
     "content": {
@@ -40,16 +40,62 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: one item of the pipeline's answer: `entity` and `index` with strategy none, `entity_group` with the others
+_HF_ITEM = {
+    "type": "object",
+    "required": ["score", "word", "start", "end"],
+    "properties": {
+        "entity": {"type": "string"},
+        "entity_group": {"type": "string"},
+        "score": {"type": "number"},
+        "index": {"type": "integer"},
+        "word": {"type": "string"},
+        "start": {"type": "integer"},
+        "end": {"type": "integer"},
+    },
+}
+
+
 def predict_openapi() -> dict[str, Any]:
     """`openapi_extra` for each predict route."""
     answer = {"type": "array", "items": {"type": "array", "items": TokenResult.model_json_schema()}}
+    return _described(PredictRequest.model_json_schema(), "One list per text", answer)
+
+
+def hf_openapi() -> dict[str, Any]:
+    """`openapi_extra` for the Hugging Face token-classification route (POST /); its request's nested
+    model (`parameters`) written in place, as pydantic's `$defs` would be refs no reader can resolve there."""
+    answer = {
+        "anyOf": [
+            {"type": "array", "items": _HF_ITEM},
+            {"type": "array", "items": {"type": "array", "items": _HF_ITEM}},
+        ]
+    }
+    why = "transformers.pipeline's answer: a list of items for one text, a list of lists for a list of texts"
+    return _described(_inlined(HfRequest.model_json_schema()), why, answer)
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each `{"$ref": "#/$defs/X"}` replaced by X itself (pydantic's models here nest no cycle)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolved(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolved(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolved(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolved(value) for value in node]
+        return node
+
+    return resolved(schema)
+
+
+def _described(request: dict[str, Any], answered: str, answer: dict[str, Any]) -> dict[str, Any]:
     return {
-        "requestBody": {
-            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
-            "required": True,
-        },
+        "requestBody": {"content": {"application/json": {"schema": request}}, "required": True},
         "responses": {
-            "200": {"description": "One list per text", "content": {"application/json": {"schema": answer}}},
+            "200": {"description": answered, "content": {"application/json": {"schema": answer}}},
             **{str(code): {"description": why, **_ERROR_SCHEMA} for code, why in _ERRORS},
         },
     }

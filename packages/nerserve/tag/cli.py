@@ -27,7 +27,7 @@ from .inputs import EXTENSIONS, Fields, InputError, count_rows, kind_of, read_ro
 from .outputs import FORMATS, PART_ROWS, open_output
 from .progress import Progress
 from .resume import Damaged, Mismatch
-from .rows import RequestOptions, Unreachable
+from .rows import RequestOptions, Selection, Unreachable
 from .run import ENGINE_PACKING, HTTP_PACKING, Packing, Target, tag
 
 DEFAULT_KEY_VARIABLE = "BASETEN_API_KEY"
@@ -44,8 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default="rows",
-        help="rows (id, entities, error), label-studio, conll (IOB2), spacy (DocBin), spans (JSONL)",
+        help="rows (id, entities, error), label-studio, redacted (id, text with each entity as [LABEL], error), "
+        "conll (IOB2), spacy (DocBin), spans (JSONL)",
     )
+    parser.add_argument(
+        "--labels",
+        type=_labels,
+        help="keep only entities of these labels, comma-separated (PER,LOC; strategy none: B-PER is PER)",
+    )
+    parser.add_argument("--min-score", type=float, help="keep only entities scored at least this (every format)")
     parser.add_argument("--text-field", default="text", help="the text's field or column (default text)")
     parser.add_argument("--id-field", default="id", help="the id's field or column (default id, else the row index)")
     add_target_arguments(parser)
@@ -128,6 +135,24 @@ def main(args: argparse.Namespace) -> int:
         return 130
 
 
+def _labels(value: str) -> frozenset[str]:
+    labels = frozenset(label.strip() for label in value.split(",") if label.strip())
+    if not labels:
+        raise argparse.ArgumentTypeError("name at least one label, e.g. PER,LOC")
+    return labels
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    if args.min_score is not None and not 0.0 <= args.min_score <= 1.0:
+        raise ValueError(f"--min-score must be between 0 and 1 (a probability), not {args.min_score}")
+    if args.format == "redacted" and args.aggregation_strategy == "none":
+        raise ValueError(
+            "--format redacted replaces entities: choose a grouped --aggregation-strategy (simple, first, "
+            "average, max), not none (one item per token)"
+        )
+    return Selection(args.labels, args.min_score)
+
+
 def _options(args: argparse.Namespace) -> RequestOptions:
     return RequestOptions(args.aggregation_strategy, args.truncate, args.truncation_direction)
 
@@ -186,12 +211,18 @@ async def _run(args: argparse.Namespace) -> int:
     if args.part_rows < 1:
         raise ValueError("--part-rows must be positive")
     fields = Fields(args.text_field, args.id_field)
+    selection = _selection(args)
     target = _target(args)
     try:
         model = await target.model()
         fingerprint = {
             "input": input_fingerprint(args.input),
-            "options": {**dataclasses.asdict(_options(args)), "text_field": fields.text, "id_field": fields.id},
+            "options": {
+                **dataclasses.asdict(_options(args)),
+                "text_field": fields.text,
+                "id_field": fields.id,
+                **selection.fingerprint(),
+            },
             "format": args.format,
             "model": model,
         }
@@ -203,7 +234,7 @@ async def _run(args: argparse.Namespace) -> int:
         progress = Progress(count_rows(args.input), writer.state.rows)
         rows = read_rows(args.input, fields, start=writer.state.rows)
         try:
-            await tag(rows, target, writer, progress, packing_of(args), args.commit_every)
+            await tag(rows, target, writer, progress, packing_of(args), args.commit_every, selection)
         except Unreachable as error:
             print("\n".join(progress.summary(target.retries, str(args.output))), file=sys.stderr)
             print(f"nerserve tag: {error}; the rows written are kept: rerun the same command to go on", file=sys.stderr)

@@ -1,6 +1,7 @@
-"""Output writers: `.jsonl` and `.parquet` rows (`id`, `entities`, `error`), and `--format label-studio`
-(tasks with pre-annotations, `.json` as one array or `.jsonl` one task a line). Parquet's `id` column
-is text (an input may mix numeric and string ids); JSON keeps each id as it was.
+"""Output writers: `.jsonl` and `.parquet` rows (`id`, `entities`, `error`), `--format label-studio`
+(tasks with pre-annotations, `.json` as one array or `.jsonl` one task a line), and `--format redacted`
+(`.jsonl` and `.parquet` rows `id`, `text` with every entity replaced by `[LABEL]`, `error`). Parquet's
+`id` column is text (an input may mix numeric and string ids); JSON keeps each id as it was.
 
 Nothing written is lost or doubled. Line formats are only appended to: lines are buffered, and a
 commit flushes and fsyncs them before the progress record (resume.py) moves past them, so a rerun
@@ -19,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -28,7 +29,7 @@ import orjson
 from . import formats, resume
 from .rows import Outcome, Row
 
-FORMATS = ("rows", "label-studio", "conll", "spacy", "spans")
+FORMATS = ("rows", "label-studio", "redacted", "conll", "spacy", "spans")
 #: the extensions of the formats of formats.py
 SUFFIXES = {
     "conll": (".conll",),
@@ -82,6 +83,12 @@ def arrow_schema() -> Any:
     return pa.schema([("id", pa.string()), ("entities", entities_type()), ("error", pa.string())])
 
 
+def redacted_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("text", pa.string()), ("error", pa.string())])
+
+
 def open_output(
     path: Path,
     fmt: str,
@@ -96,8 +103,8 @@ def open_output(
     suffix = path.suffix.lower()
     if fmt == "label-studio" and suffix not in (".json", ".jsonl"):
         raise ValueError(f"{path}: --format label-studio writes .json (one array) or .jsonl (a task a line)")
-    if fmt == "rows" and suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"{path}: rows are written as .jsonl or .parquet (or --format label-studio)")
+    if fmt in ("rows", "redacted") and suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"{path}: --format {fmt} writes .jsonl or .parquet (--format label-studio: .json, .jsonl)")
     if fmt in SUFFIXES and suffix not in SUFFIXES[fmt]:
         raise ValueError(f"{path}: --format {fmt} writes {' or '.join(SUFFIXES[fmt])}")
     previous = None if overwrite else resume.load(path)
@@ -115,8 +122,14 @@ def open_output(
         shutil.rmtree(_parts(path), ignore_errors=True)  # a kill between the last record and this removal
         return None
     state = previous or resume.State(fingerprint)
+    if fmt == "redacted":
+        encode = _redacted_record
+    elif fmt == "label-studio":
+        encode = _label_studio_task(model_version)
+    else:
+        encode = _row_record
     if suffix == ".parquet":
-        return ParquetWriter(path, state, part_rows)
+        return ParquetWriter(path, state, part_rows, encode, PARQUET_SCHEMAS[fmt])
     if fmt == "spacy":
         return formats.SpacyWriter(path, state, part_rows)
     if fmt == "conll":
@@ -125,7 +138,6 @@ def open_output(
         return LineWriter(path, state, block, array=False, serialize=bytes)
     if fmt == "spans":
         return LineWriter(path, state, formats.spans_record, array=False)
-    encode = _label_studio_task(model_version) if fmt == "label-studio" else _row_record
     return LineWriter(path, state, encode, array=suffix == ".json")
 
 
@@ -167,6 +179,10 @@ def check_intact(path: Path, state: resume.State) -> None:
         raise resume.Damaged(f"{held} {rows:,} rows, but {record} records {state.rows:,}; {again}")
 
 
+#: the Arrow schema of each format written as Parquet
+PARQUET_SCHEMAS: dict[str, Callable[[], Any]] = {"rows": arrow_schema, "redacted": redacted_schema}
+
+
 def _remove(path: Path) -> None:
     for stale in (path, resume.state_path(path)):
         stale.unlink(missing_ok=True)
@@ -185,6 +201,20 @@ def _row_record(row: Row, outcome: Outcome) -> dict[str, Any]:
     if isinstance(outcome, str):
         return {"id": row.id, "entities": None, "error": outcome}
     return {"id": row.id, "entities": outcome, "error": None}
+
+
+def _redacted_record(row: Row, outcome: Outcome) -> dict[str, Any]:
+    """The row's text with each entity's span replaced by `[LABEL]`, the label as the model names it
+    (the spans of one text's entities never overlap: the pipeline merges overlapping windows' ones)."""
+    if isinstance(outcome, str):
+        return {"id": row.id, "text": None, "error": outcome}
+    text = row.text or ""
+    pieces, end = [], 0
+    for item in sorted(outcome, key=lambda item: item["start"]):
+        pieces += [text[end : item["start"]], f"[{next(iter(item['results']))}]"]
+        end = item["end"]
+    pieces.append(text[end:])
+    return {"id": row.id, "text": "".join(pieces), "error": None}
 
 
 def _label_studio_task(model_version: str):
@@ -271,49 +301,48 @@ class LineWriter:
 
 class ParquetWriter:
     """Rows buffered into part files of `part_rows` (or a few more: whole chunks are added), combined
-    into the output at the end."""
+    into the output at the end; each row the record `encode` makes of it, in `schema`'s columns (the id
+    as text)."""
 
-    def __init__(self, path: Path, state: resume.State, part_rows: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        state: resume.State,
+        part_rows: int,
+        encode: Callable[[Row, Outcome], dict[str, Any]],
+        schema: Callable[[], Any],
+    ) -> None:
         self.path, self.state, self.part_rows = path, state, part_rows
+        self.encode, self.schema = encode, schema
         self.folder = _parts(path)
         self.folder.mkdir(exist_ok=True)
         for part in self.folder.iterdir():  # what a killed run wrote past its last record
             if part.suffix != ".parquet" or int(part.stem.split("-")[1]) >= state.parts:
                 part.unlink()
-        self.ids: list[str] = []
-        self.entities: list[Any] = []
-        self.errors: list[str | None] = []
+        self.columns: dict[str, list[Any]] = {name: [] for name in schema().names}
 
     def add(self, rows: Sequence[Row], outcomes: Sequence[Outcome]) -> None:
         for row, outcome in zip(rows, outcomes, strict=True):
-            self.ids.append(row.id if isinstance(row.id, str) else str(row.id))
-            if isinstance(outcome, str):
-                self.entities.append(None)
-                self.errors.append(outcome)
-            else:
-                self.entities.append(outcome)
-                self.errors.append(None)
+            record = self.encode(row, outcome)
+            record["id"] = row.id if isinstance(row.id, str) else str(row.id)
+            for name, values in self.columns.items():
+                values.append(record[name])
         self.commit()
 
     def pending(self) -> int:
-        return len(self.ids)
+        return len(self.columns["id"])
 
     def commit(self, stopping: bool = False) -> None:
         """Write the buffered rows as the next part (temporary name, synced, renamed), then record it;
         only once `part_rows` are buffered, unless `stopping`."""
-        if not self.ids or (len(self.ids) < self.part_rows and not stopping):
+        buffered = self.pending()
+        if not buffered or (buffered < self.part_rows and not stopping):
             return
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table(
-            [
-                pa.array(self.ids, pa.string()),
-                pa.array(self.entities, entities_type()),
-                pa.array(self.errors, pa.string()),
-            ],
-            schema=arrow_schema(),
-        )
+        schema = self.schema()
+        table = pa.table([pa.array(self.columns[field.name], field.type) for field in schema], schema=schema)
         part = _part(self.path, self.state.parts)
         temporary = part.with_suffix(".tmp")
         pq.write_table(table, temporary)
@@ -322,8 +351,8 @@ class ParquetWriter:
         os.replace(temporary, part)
         resume.sync_folder(self.folder)
         self.state.parts += 1
-        self.state.rows += len(self.ids)
-        self.ids, self.entities, self.errors = [], [], []
+        self.state.rows += buffered
+        self.columns = {name: [] for name in self.columns}
         resume.save(self.path, self.state)
 
     def finish(self) -> None:
@@ -332,7 +361,7 @@ class ParquetWriter:
 
         self.commit(stopping=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
-        with pq.ParquetWriter(temporary, arrow_schema()) as combined:
+        with pq.ParquetWriter(temporary, self.schema()) as combined:
             for number in range(self.state.parts):
                 combined.write_table(pq.read_table(_part(self.path, number)))
         with open(temporary, "rb") as file:

@@ -71,6 +71,35 @@ class RequestOptions:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which entities a job keeps, whatever its output format (`--labels`, `--min-score`): those whose
+    label (strategy none: the label's type, `B-PER` -> `PER`) is among `labels`, and whose score is at
+    least `min_score`. None keeps all."""
+
+    labels: frozenset[str] | None = None
+    min_score: float | None = None
+
+    def __call__(self, outcome: Outcome) -> Outcome:
+        if isinstance(outcome, str) or (self.labels is None and self.min_score is None):
+            return outcome
+        return [item for item in outcome if self._keeps(*next(iter(item["results"].items())))]
+
+    def _keeps(self, label: str, score: float) -> bool:
+        if self.labels is not None and label.split("-", 1)[-1] not in self.labels:
+            return False
+        return self.min_score is None or score >= self.min_score
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a rerun must share (only what is set: a run without filters keeps its old fingerprint)."""
+        out: dict[str, Any] = {}
+        if self.labels is not None:
+            out["labels"] = sorted(self.labels)
+        if self.min_score is not None:
+            out["min_score"] = self.min_score
+        return out
+
+
 def estimated_tokens(text: str) -> int:
     """Model tokens of a text, estimated without a tokenizer (the HTTP client has none): about four
     characters per WordPiece token on English prose, plus [CLS] and [SEP]. Used to pack requests and

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .outputs import Writer
 from .progress import Progress
-from .rows import Outcome, Row, estimated_tokens
+from .rows import Outcome, Row, Selection, estimated_tokens
 
 
 class Target(Protocol):
@@ -86,9 +86,17 @@ async def _answer(target: Target, chunk: Chunk) -> list[Outcome]:
 
 
 async def tag(
-    rows: Iterable[Row], target: Target, writer: Writer, progress: Progress, packing: Packing, commit_every_s: float
+    rows: Iterable[Row],
+    target: Target,
+    writer: Writer,
+    progress: Progress,
+    packing: Packing,
+    commit_every_s: float,
+    selection: Selection | None = None,
 ) -> None:
-    """Every row through `target` into `writer`, in order; raises what the target raises (Unreachable)."""
+    """Every row through `target` into `writer`, in order, its entities those `selection` keeps (every
+    format writes the same ones); raises what the target raises (Unreachable)."""
+    selection = selection or Selection()
     source = chunks(rows, packing)
     pending: deque[tuple[Chunk, asyncio.Task[list[Outcome]]]] = deque()
     committed_at = time.monotonic()
@@ -106,7 +114,7 @@ async def tag(
             await asyncio.wait([pending[0][1]])  # the oldest: rows are written in order (a failure raises below)
             while pending and pending[0][1].done():
                 chunk, task = pending.popleft()
-                outcomes = task.result()
+                outcomes = [selection(outcome) for outcome in task.result()]
                 writer.add(chunk.rows, outcomes)
                 progress.update(outcomes, chunk.tokens)
             if writer.pending() and time.monotonic() - committed_at >= commit_every_s:

@@ -107,6 +107,38 @@ class TokenRows:
     bounds: list[int]  # [texts + 1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Entities:
+    """A request's entities (one row each, text by text) and the words and tokens they are made of,
+    so each answer's shape (BEI-Bert's items, the pipeline's) is made from the one aggregation."""
+
+    starts: np.ndarray  # int64 [entities]
+    ends: np.ndarray  # int64 [entities]
+    labels: np.ndarray  # int64 [entities]: the label id whose group names the entity
+    scores: np.ndarray  # float64 [entities]: the mean of its words' scores
+    kept: list[np.ndarray]  # per text: the rows that survive, in order (over-long texts' windows merged)
+    entity_first_word: np.ndarray  # int64 [entities]: its first word (index into word_first)
+    entity_last_word: np.ndarray  # int64 [entities]
+    word_first: np.ndarray  # int64 [words]: each word's first content token (index into ids)
+    word_last: np.ndarray  # int64 [words]
+    ids: np.ndarray  # int64 [content tokens]: special tokens left out
+    text_of_token: np.ndarray  # int64 [content tokens]
+    token_starts: np.ndarray  # int64 [content tokens]
+    token_ends: np.ndarray  # int64 [content tokens]
+
+    def items(self, rows: np.ndarray) -> list[tuple[int, int, int, float]]:
+        """(start, end, label id, score) of the given rows."""
+        return list(
+            zip(
+                self.starts[rows].tolist(),
+                self.ends[rows].tolist(),
+                self.labels[rows].tolist(),
+                self.scores[rows].tolist(),
+                strict=True,
+            )
+        )
+
+
 class Aggregator:
     """Turns a request's windows and their scores into one response list per text."""
 
@@ -125,16 +157,76 @@ class Aggregator:
     def grouped(
         self, texts: list[str], windows: list[list[Window]], scores: TokenScores, strategy: str
     ) -> list[list[dict]]:
-        """Entities of each text, as the pipeline returns them (ignored groups dropped, windows merged).
+        """Entities of each text, as the pipeline returns them (ignored groups dropped, windows merged),
+        in BEI-Bert's items."""
+        found = self._entities(texts, windows, scores, strategy, self.scheme.ignored)
+        names = self.scheme.groups
+        return [
+            [
+                {"token": texts[t][s:e], "token_id": 0, "start": s, "end": e, "results": {names[g]: v}}
+                for s, e, g, v in found.items(kept)
+            ]
+            for t, kept in enumerate(found.kept)
+        ]
+
+    def hf_grouped(
+        self,
+        texts: list[str],
+        windows: list[list[Window]],
+        scores: TokenScores,
+        strategy: str,
+        ignore_labels: frozenset[str],
+    ) -> list[list[dict]]:
+        """The same entities in the pipeline's own items (`entity_group`, `score`, `word`, `start`, `end`),
+        groups named in `ignore_labels` dropped. `word` is the tokenizer's string of the entity's tokens
+        as the pipeline makes it: the token strings (an `[UNK]`'s text in its place) decoded per word,
+        then the words decoded again (`simple`: the tokens decoded once)."""
+        ignored = np.array([group in ignore_labels for group in self.scheme.groups], dtype=bool)
+        found = self._entities(texts, windows, scores, strategy, ignored)
+        names = self.scheme.groups
+        vocab, unk = self.tokenizer.vocab, self.tokenizer.unk_id
+        ids, text_of_token = found.ids.tolist(), found.text_of_token.tolist()
+        token_starts, token_ends = found.token_starts.tolist(), found.token_ends.tolist()
+
+        def strings(first: int, last: int) -> list[str]:
+            """The token strings of content tokens first..last, an `[UNK]`'s text in its place."""
+            return [
+                vocab[ids[k]] if ids[k] != unk else texts[text_of_token[k]][token_starts[k] : token_ends[k]]
+                for k in range(first, last + 1)
+            ]
+
+        decode = self.tokenizer.decode
+        word_first, word_last = found.word_first.tolist(), found.word_last.tolist()
+
+        def word(entity: int) -> str:
+            words = range(int(found.entity_first_word[entity]), int(found.entity_last_word[entity]) + 1)
+            if strategy == "simple":
+                return decode(strings(words[0], words[-1]))
+            return decode([decode(strings(word_first[w], word_last[w])) for w in words])
+
+        return [
+            [
+                {"entity_group": names[g], "score": v, "word": word(i), "start": s, "end": e}
+                for i, (s, e, g, v) in zip(kept.tolist(), found.items(kept), strict=True)
+            ]
+            for kept in found.kept
+        ]
+
+    def _entities(
+        self, texts: list[str], windows: list[list[Window]], scores: TokenScores, strategy: str, ignored: np.ndarray
+    ) -> Entities:
+        """Every text's entities under `strategy`, groups whose label id `ignored` marks dropped.
 
         The pipeline aggregates each window on its own, so every window's first token starts a word
         and an entity; over-long texts then have their windows' entities merged."""
         table = TokenTable.of(windows, scores)
         content = ~table.special
         if not content.any():
-            return [[] for _ in texts]
+            none = np.zeros(0, dtype=np.int64)
+            return Entities(none, none, none, none.astype(np.float64), [none] * len(texts), *[none] * 8)
         ids, starts, ends = table.ids[content], table.starts[content], table.ends[content]
         window = table.window[content]
+        text_of_token = table.text_of_window[window]
         tokens = table.scores.take(content)
         window_first = np.ones(len(ids), dtype=bool)
         window_first[1:] = window[1:] != window[:-1]
@@ -143,7 +235,6 @@ class Aggregator:
             first = np.arange(len(ids))
             last = first
         else:
-            text_of_token = table.text_of_window[window]
             begins = ~self._is_subword(texts, text_of_token, ids, starts, ends) | window_first
             first = np.flatnonzero(begins)
             last = np.append(first[1:], len(ids)) - 1
@@ -157,30 +248,34 @@ class Aggregator:
         counts = group_last - group_first + 1
         group_scores = np.add.reduceat(values.astype(np.float64), group_first) / counts
         group_labels = labels[group_first]
-        keep = ~self.scheme.ignored[group_labels]
+        keep = ~ignored[group_labels]
         entity_starts = starts[first][group_first][keep]
         entity_ends = ends[last][group_last][keep]
-        entity_labels, entity_scores = group_labels[keep], group_scores[keep]
+        entity_scores = group_scores[keep]
         entity_text = table.text_of_window[window[first][group_first][keep]]
-        names = self.scheme.groups
-        items = [
-            {"token": texts[t][s:e], "token_id": 0, "start": s, "end": e, "results": {names[g]: v}}
-            for t, s, e, g, v in zip(
-                entity_text.tolist(),
-                entity_starts.tolist(),
-                entity_ends.tolist(),
-                entity_labels.tolist(),
-                entity_scores.tolist(),
-                strict=True,
-            )
-        ]
-        bounds = np.searchsorted(entity_text, np.arange(len(texts) + 1)).tolist()
-        out = [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
-        for t in (t for t, text_windows in enumerate(windows) if len(text_windows) > 1 and out[t]):
-            lo, hi = bounds[t], bounds[t + 1]
-            kept = _merge_overlaps(entity_starts[lo:hi], entity_ends[lo:hi], entity_scores[lo:hi])
-            out[t] = [out[t][i] for i in kept.tolist()]
-        return out
+        bounds = np.searchsorted(entity_text, np.arange(len(texts) + 1))
+        kept = []
+        for t, text_windows in enumerate(windows):
+            lo, hi = int(bounds[t]), int(bounds[t + 1])
+            if len(text_windows) > 1 and hi > lo:
+                kept.append(lo + _merge_overlaps(entity_starts[lo:hi], entity_ends[lo:hi], entity_scores[lo:hi]))
+            else:
+                kept.append(np.arange(lo, hi))
+        return Entities(
+            starts=entity_starts,
+            ends=entity_ends,
+            labels=group_labels[keep],
+            scores=entity_scores,
+            kept=kept,
+            entity_first_word=group_first[keep],
+            entity_last_word=group_last[keep],
+            word_first=first,
+            word_last=last,
+            ids=ids,
+            text_of_token=text_of_token,
+            token_starts=starts,
+            token_ends=ends,
+        )
 
     def _is_subword(
         self, texts: list[str], text_of_token: np.ndarray, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray
@@ -208,6 +303,41 @@ class Aggregator:
         items = self.token_items(rows, 0, len(rows.ids), raw_scores)
         bounds = rows.bounds
         return [items[bounds[t] : bounds[t + 1]] for t in range(len(texts))]
+
+    def hf_tokens(
+        self, texts: list[str], windows: list[list[Window]], scores: TokenScores, ignore_labels: frozenset[str]
+    ) -> list[list[dict]]:
+        """Strategy `none` in the pipeline's items (`entity`, `score`, `index`, `word`, `start`, `end`) for
+        texts of one window each (the pipeline takes no `stride` with `none`): special tokens and tokens
+        whose label `ignore_labels` names left out; `index` the token's position in the model's input,
+        `word` its token string (an `[UNK]`'s text in its place)."""
+        if any(len(text_windows) != 1 for text_windows in windows):
+            raise ValueError("the pipeline's strategy none reads one window per text")
+        labels, vocab, unk = self.scheme.labels, self.tokenizer.vocab, self.tokenizer.unk_id
+        out = []
+        offset = 0
+        for text, (window,) in zip(texts, windows, strict=True):
+            n = len(window.ids)
+            top = scores.labels[offset : offset + n].tolist()
+            probs = scores.probs[offset : offset + n].tolist()
+            offset += n
+            out.append(
+                [
+                    {
+                        "entity": labels[top[i]],
+                        "score": probs[i],
+                        "index": i,
+                        "word": vocab[token] if token != unk else text[start:end],
+                        "start": start,
+                        "end": end,
+                    }
+                    for i, (token, (start, end), special) in enumerate(
+                        zip(window.ids.tolist(), window.offsets.tolist(), window.special.tolist(), strict=True)
+                    )
+                    if not special and labels[top[i]] not in ignore_labels
+                ]
+            )
+        return out
 
     def token_rows(self, texts: list[str], windows: list[list[Window]], scores: TokenScores) -> TokenRows:
         """The rows `tokens` answers with, before any item is made (numpy only)."""

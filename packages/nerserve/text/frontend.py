@@ -69,13 +69,20 @@ class Frontend:
         self.aggregator = Aggregator(tokenizer, labels)
 
     def prepare(
-        self, request: PredictRequest, max_tokens: int | None = None, given_up: GivenUp | None = None
+        self,
+        request: PredictRequest,
+        max_tokens: int | None = None,
+        given_up: GivenUp | None = None,
+        stride: int | None = None,
     ) -> Prepared:
-        """Tokenize the request's texts (422 for what the tokenizer refuses, e.g. lone surrogates; 413
-        past `max_tokens` model tokens; Cancelled once `given_up()`)."""
+        """Tokenize the request's texts (422 for what the tokenizer refuses, e.g. lone surrogates, or an
+        overlap `stride` it cannot take; 413 past `max_tokens` model tokens; Cancelled once `given_up()`).
+        `stride`: an over-long text's windows overlap by it rather than by the configured window_stride."""
         texts = request.texts()
         try:
-            windows = self.tokenizer.encode(texts, request.truncate, request.truncation_direction, max_tokens, given_up)
+            windows = self.tokenizer.encode(
+                texts, request.truncate, request.truncation_direction, max_tokens, given_up, stride
+            )
         except ApiError:
             raise
         except Exception as error:
@@ -91,6 +98,18 @@ class Frontend:
         if request.aggregation_strategy == "none":
             return self.aggregator.tokens(prepared.texts, prepared.windows, scores, request.raw_scores)
         return self.aggregator.grouped(prepared.texts, prepared.windows, scores, request.aggregation_strategy)
+
+    def hf_answer(self, prepared: Prepared, ignore_labels: frozenset[str], scores: TokenScores) -> list[list[dict]]:
+        """One list per text in `transformers.pipeline("token-classification")`'s own items (the
+        Hugging Face route), from the same aggregation as `answer`."""
+        request = prepared.request
+        if not prepared.texts:
+            return []
+        if request.aggregation_strategy == "none":
+            return self.aggregator.hf_tokens(prepared.texts, prepared.windows, scores, ignore_labels)
+        return self.aggregator.hf_grouped(
+            prepared.texts, prepared.windows, scores, request.aggregation_strategy, ignore_labels
+        )
 
     def encode(self, prepared: Prepared, scores: TokenScores, given_up: GivenUp) -> Encoded:
         """`answer` as JSON, for answers too large to hold as items at once: token items (strategy

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from ..errors import Cancelled, PayloadTooLarge
+from ..errors import Cancelled, Invalid, PayloadTooLarge
 
 if TYPE_CHECKING:  # a type only: front-end workers never import transformers (and torch with it)
     from transformers import PreTrainedTokenizerFast
@@ -36,6 +36,9 @@ GROUP_CHARS = 1 << 16
 _LAST_SPACE = re.compile(r" (?=[^ ]*$)")
 #: returns True once the request is given up (its timeout passed, its client went away)
 GivenUp = Callable[[], bool]
+#: tokenizer copies kept for overlaps other than the configured one (the HF route's `stride`): each is a
+#: whole vocabulary, so a few, the most recently used
+STRIDE_COPIES = 4
 
 
 def window_stride_for(text_tokens: int, requested: int | None) -> int:
@@ -77,6 +80,8 @@ class TextTokenizer:
         serialized = backend.to_str()
         self._windows = self._configured(serialized, max_length, window_stride, "right")
         self._left = self._configured(serialized, max_length, 0, "left")
+        #: right-truncating copies with overflow for a request's own overlap (`encode(stride=...)`), by overlap
+        self._strided: dict[int, Tokenizer] = {}
         self._plain = Tokenizer.from_str(serialized)  # for counting: no truncation, no windows
         self._plain.no_padding()
         self._plain.no_truncation()
@@ -102,15 +107,45 @@ class TextTokenizer:
         copy.enable_truncation(max_length, stride=stride, strategy="longest_first", direction=direction)
         return copy
 
-    def window_tokens(self, content: int, truncate: bool) -> int:
+    def window_tokens(self, content: int, truncate: bool, stride: int | None = None) -> int:
         """Model tokens (windows and their special tokens included) of a text of `content` tokens: what
         the tokenizer's overflow makes, windows of `max_length` moving on by `max_length - specials -
-        stride` text tokens."""
+        stride` text tokens (`stride` None: the configured `window_stride`)."""
+        stride = self.window_stride if stride is None else stride
         per = self.max_length - self.specials
         if truncate or content <= per:
             return min(content, per) + self.specials
-        windows = 1 + -(-(content - per) // (per - self.window_stride))
-        return content + self.window_stride * (windows - 1) + self.specials * windows
+        windows = 1 + -(-(content - per) // (per - stride))
+        return content + stride * (windows - 1) + self.specials * windows
+
+    def check_stride(self, stride: int) -> None:
+        """Invalid unless `stride` can be a request's overlap: each window must move on by a token at
+        least (the pipeline's own check, `stride < model_max_length`, lets through overlaps its tokenizer
+        then fails on)."""
+        text_tokens = self.max_length - self.specials
+        if not 0 <= stride < text_tokens:
+            raise Invalid(
+                f"parameters.stride: must be at least 0 and less than {text_tokens}, the text tokens a window "
+                f"of this model holds, not {stride}"
+            )
+
+    def decode(self, tokens: list[str]) -> str:
+        """The tokenizer's string for token strings, as the pipeline's `convert_tokens_to_string` makes it
+        (the backend's decoder, else the tokens joined by spaces)."""
+        decoder = self._plain.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    def _strided_copy(self, stride: int) -> Tokenizer:
+        """The right-truncating tokenizer whose overflow overlaps by `stride` tokens (made on first use)."""
+        if stride == self.window_stride:
+            return self._windows
+        copy = self._strided.pop(stride, None)
+        if copy is None:
+            copy = self._configured(self._plain.to_str(), self.max_length, stride, "right")
+            while len(self._strided) >= STRIDE_COPIES:
+                del self._strided[next(iter(self._strided))]
+        self._strided[stride] = copy  # the most recently used last
+        return copy
 
     def encode(
         self,
@@ -119,13 +154,20 @@ class TextTokenizer:
         direction: str = "right",
         max_tokens: int | None = None,
         given_up: GivenUp | None = None,
+        stride: int | None = None,
     ) -> list[list[Window]]:
-        """Windows per text: one when it fits or `truncate` is set, else the overlapping windows.
+        """Windows per text: one when it fits or `truncate` is set, else the overlapping windows, which
+        overlap by `stride` tokens (None: the configured `window_stride`; else checked by `check_stride`).
         With `max_tokens`: PayloadTooLarge as soon as the texts' model tokens pass it, and Cancelled
         between groups once `given_up()` (module docstring)."""
         if not texts:
             return []
-        backend = self._left if truncate and direction == "left" else self._windows
+        if stride is not None:
+            self.check_stride(stride)
+        if truncate and direction == "left":
+            backend = self._left
+        else:
+            backend = self._windows if stride is None else self._strided_copy(stride)
         if max_tokens is None:
             encodings = backend.encode_batch(texts, add_special_tokens=True)
             return [self._windows_of(encoding, truncate) for encoding in encodings]
@@ -135,10 +177,10 @@ class TextTokenizer:
             _check(given_up)
             # one model token per character at most, for nearly every text: a text that might pass the
             # limit is counted before its windows are made
-            if self.window_tokens(max(map(len, group)), truncate) > max_tokens - used:
+            if self.window_tokens(max(map(len, group)), truncate, stride) > max_tokens - used:
                 for text in group:
-                    if self.window_tokens(len(text), truncate) > max_tokens - used:
-                        self._count_within(text, truncate, max_tokens, max_tokens - used, given_up)
+                    if self.window_tokens(len(text), truncate, stride) > max_tokens - used:
+                        self._count_within(text, truncate, max_tokens, max_tokens - used, given_up, stride)
             windows = [self._windows_of(e, truncate) for e in backend.encode_batch(group, add_special_tokens=True)]
             used += sum(len(window.ids) for text_windows in windows for window in text_windows)
             if used > max_tokens:
@@ -146,7 +188,9 @@ class TextTokenizer:
             out.extend(windows)
         return out
 
-    def _count_within(self, text: str, truncate: bool, limit: int, budget: int, given_up: GivenUp | None) -> None:
+    def _count_within(
+        self, text: str, truncate: bool, limit: int, budget: int, given_up: GivenUp | None, stride: int | None
+    ) -> None:
         """PayloadTooLarge once `text`'s model tokens, its text tokens counted in pieces cut at spaces (as the
         pre-tokenizers of BERT, RoBERTa and SentencePiece models cut words, so the pieces' tokens are the
         text's), its windows' from their number, pass `budget`."""
@@ -154,7 +198,7 @@ class TextTokenizer:
         for piece in _pieces(text):
             _check(given_up)
             counted += len(self._plain.encode(piece, add_special_tokens=False))
-            cost = self.window_tokens(counted, truncate)
+            cost = self.window_tokens(counted, truncate, stride)
             if cost > budget:
                 raise _over_limit(limit - budget + cost, limit)
             if truncate and cost == self.max_length:  # the rest is cut off: it costs nothing more
