@@ -8,7 +8,6 @@ refuses for load tries again until it is warm, instead of staying unhealthy for 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import multiprocessing
 import os
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from nerserve.config import Settings
+from nerserve.engine.process import serve_engine
 from nerserve.errors import Busy, Overloaded
 from nerserve.http.engine_link import EngineLink
 from nerserve.http.worker import warm_until_served
@@ -34,8 +34,6 @@ def engine(built, tmp_path_factory):
     address, authkey = str(tmp_path_factory.mktemp("engine") / "engine.sock"), os.urandom(16)
     status_read, status_write = spawn.Pipe(duplex=False)
     settings = Settings(checkpoint=str(built("wordpiece-cased")), engine="onnxruntime", log_level="WARNING")
-    # the module as it is now in sys.modules: the spawned child unpickles the target by its name
-    serve_engine = importlib.import_module("nerserve.engine.process").serve_engine
     process = spawn.Process(target=serve_engine, args=(settings, address, authkey, status_write, None), daemon=True)
     process.start()
     assert status_read.poll(120), "the engine process did not report"

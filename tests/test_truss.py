@@ -52,6 +52,18 @@ IMAGE_PATHS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _package_modules_restored():
+    """truss.load imports the package anew (model/model.py puts packages/ on the path), replacing this
+    process's `nerserve` modules; put them back after this file, so the files run after it on the same
+    pytest-xdist worker keep one copy of each class (multiprocessing pickles a class by its name)."""
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "nerserve"}
+    yield
+    for name in [name for name in sys.modules if name.split(".")[0] == "nerserve"]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
 def _truss_cli() -> str:
     """The `truss` executable of the environment running the tests (make test: .venv)."""
     beside = Path(sys.executable).parent / "truss"
