@@ -122,7 +122,7 @@ def test_fuzzing_from_openapi(server) -> None:
     statuses: Counter = Counter()
     strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE))
 
-    @settings(max_examples=1200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def fuzz(case) -> None:
         response = case.call(base_url=server.url, timeout=60)

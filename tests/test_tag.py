@@ -425,6 +425,7 @@ def test_in_process_http_and_ray_are_equal(checkpoint, corpus_jsonl, reference, 
     assert_same_rows(rows_of(tmp_path / "ray.jsonl"), reference)
 
 
+@pytest.mark.stress  # Ray Data's own pipeline on the cluster: make stress (the Ray path runs in make test above)
 def test_ray_data_map_batches(checkpoint, reference, ray_cluster) -> None:
     """The Python API: `ds.map_batches(NerTagger, ...)` adds entities and error columns of a fixed Arrow
     type; a bad row is a row."""
