@@ -63,6 +63,19 @@ def test_client_equals_pipeline_for_every_strategy(server, built) -> None:
         record(f"POST / (InferenceClient)  wordpiece-cased {strategy:8} {len(TEXTS)} texts, {items} items equal")
 
 
+def test_the_api_has_a_path_of_its_own_beside_the_root(server) -> None:
+    """`/hf` answers as `/` does: on Baseten, Truss's nginx rewrites `/` to the liveness probe, so the
+    client is pointed at the deployment's URL + `/hf` there."""
+    for strategy in ("none", "max"):
+        at_root = as_dicts(
+            InferenceClient(model=server.url).token_classification(TEXTS[0], aggregation_strategy=strategy)
+        )
+        own_path = InferenceClient(model=server.url + "/hf").token_classification(
+            TEXTS[0], aggregation_strategy=strategy
+        )
+        assert as_dicts(own_path) == at_root and at_root, strategy
+
+
 def test_stride_reads_a_long_text_as_the_pipeline_does(server, built) -> None:
     client = InferenceClient(model=server.url)
     path = str(built("wordpiece-cased"))

@@ -28,7 +28,7 @@ from ..scores import TokenScores
 from ..text.frontend import Encoded, Frontend, Prepared
 from .body import read_json
 from .engine_link import EngineLink
-from .envelope import PREDICT_ROUTES, Envelope
+from .envelope import HF_ROUTES, PREDICT_ROUTES, Envelope
 from .openapi import METRICS_MEDIA_TYPE, METRICS_RESPONSES, hf_openapi, predict_openapi
 from .page import add_page
 from .readiness import WorkerState
@@ -107,9 +107,15 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
         except ApiError as error:
             return error_response(error)
 
-    app.add_api_route(
-        "/", hf_predict, methods=["POST"], name="hf_predict", response_class=Response, openapi_extra=hf_openapi()
-    )
+    for path in HF_ROUTES:
+        app.add_api_route(
+            path,
+            hf_predict,
+            methods=["POST"],
+            name=f"hf_predict{path}",
+            response_class=Response,
+            openapi_extra=hf_openapi(),
+        )
 
     def when_ready(body: Callable[[], Any]) -> Response:
         """`body()` as JSON once this worker can serve, else 503 saying why."""

@@ -27,6 +27,9 @@ from .responses import error_response
 
 log = logging.getLogger(__name__)
 PREDICT_ROUTES = ("/predict_tokens", "/predict", "/v1/models/model:predict")
+#: the Hugging Face token-classification API: the root, where InferenceClient(model=URL) posts, and a path
+#: of its own for a proxy that keeps the root (Truss's nginx rewrites `/` to the liveness probe on Baseten)
+HF_ROUTES = ("/", "/hf")
 #: a client's request id is kept to these characters and this length: it goes into a header and the log
 REQUEST_ID_MAX = 128
 _NOT_IN_ID = re.compile(r"[^A-Za-z0-9._:/+=@-]")
@@ -47,7 +50,7 @@ class Envelope:
     #: read without a key (GET and HEAD only: POST / is the Hugging Face route): the page is public, its
     #: fetches send the key
     OPEN_PATHS = ("/health", "/openapi.json", "/ui", "/")
-    ROUTES = (*PREDICT_ROUTES, "/", "/health", "/info", "/metrics")
+    ROUTES = (*PREDICT_ROUTES, *HF_ROUTES, "/health", "/info", "/metrics")
     FREE_PATHS = ("/health", "/info", "/metrics")  # served even to a connection past max_connections
 
     def __init__(self, app: Callable[..., Awaitable[None]], api_key: str | None, metrics: Metrics) -> None:
