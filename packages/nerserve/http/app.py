@@ -71,15 +71,19 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
         except ApiError as error:
             return error_response(error)
 
-    for path in PREDICT_ROUTES:
-        app.add_api_route(
-            path,
-            predict,
-            methods=["POST"],
-            name=f"predict{path}",
-            response_class=Response,
-            openapi_extra=predict_openapi(),
-        )
+    def post_routes(paths: tuple[str, ...], endpoint: Callable[[Request], Any], openapi: dict[str, Any]) -> None:
+        """`endpoint` at each of `paths` (its aliases), each described by `openapi`."""
+        for path in paths:
+            app.add_api_route(
+                path,
+                endpoint,
+                methods=["POST"],
+                name=f"{endpoint.__name__}{path}",
+                response_class=Response,
+                openapi_extra=openapi,
+            )
+
+    post_routes(PREDICT_ROUTES, predict, predict_openapi())
 
     async def hf_predict(request: Request) -> Response:
         """The Hugging Face token-classification API (what `InferenceClient(model=URL)` posts to `/`): the
@@ -107,15 +111,7 @@ def create_app(settings: Settings, state: WorkerState, metrics: Metrics) -> Fast
         except ApiError as error:
             return error_response(error)
 
-    for path in HF_ROUTES:
-        app.add_api_route(
-            path,
-            hf_predict,
-            methods=["POST"],
-            name=f"hf_predict{path}",
-            response_class=Response,
-            openapi_extra=hf_openapi(),
-        )
+    post_routes(HF_ROUTES, hf_predict, hf_openapi())
 
     def when_ready(body: Callable[[], Any]) -> Response:
         """`body()` as JSON once this worker can serve, else 503 saying why."""
